@@ -1,0 +1,5 @@
+"""kubemeter data plane: sources -> metering -> pipeline -> output.
+
+The control plane (``kubemeter_operator``) imports only :mod:`kubemeter.config` from here; nothing in
+this package imports the operator.
+"""

@@ -1,0 +1,1 @@
+"""The ``kubemeter`` command: a thin dispatcher that belongs to neither plane."""

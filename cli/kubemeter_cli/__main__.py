@@ -1,0 +1,3 @@
+from kubemeter_cli.main import main
+
+raise SystemExit(main())
