@@ -51,6 +51,16 @@ started=$SECONDS
 build etcd "-s -w" go.etcd.io/etcd/server/v3
 ln -sfn "$(readlink "$bin/server")" "$bin/etcd" && rm -f "$bin/server"
 build kwok "-s -w" sigs.k8s.io/kwok/cmd/kwok
+# kwok v0.8 has no built-in stages: ship the upstream "fast" set that kwokctl uses, from the module.
+kwok_dir=$(cd "$here/kwok" && go mod download -json sigs.k8s.io/kwok | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+stages="$(dirname "$(readlink "$bin/kwok")")/stages.yaml"
+if [ ! -s "$stages" ]; then
+  for f in node/fast/node-initialize.yaml node/heartbeat-with-lease/node-heartbeat-with-lease.yaml \
+    pod/fast/pod-ready.yaml pod/fast/pod-complete.yaml pod/fast/pod-delete.yaml; do
+    echo "---"; cat "$kwok_dir/kustomize/stage/$f"
+  done > "$stages"
+fi
+ln -sfn "$stages" "$bin/kwok-stages.yaml"
 build kubeconform "-s -w" github.com/yannh/kubeconform/cmd/kubeconform
 build helm "$helm_ldflags" helm.sh/helm/v3/cmd/helm
 build k8s "$k8s_ldflags" k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \

@@ -1,0 +1,57 @@
+# The few verbs a person needs. `make help` lists them.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: help setup tools test test-unit test-integration test-gpu lint crds cluster-up cluster-down demo bench chaos
+
+help:
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 20
+
+$(BIN)/kubemeter: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/kubemeter ## create .venv with kubemeter and its test tools
+
+tools: ## build etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kwok, helm, kubeconform (cached)
+	tools/build.sh
+
+test: setup tools ## the whole suite: lint, types, unit and integration tests on the local control plane
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/pytest -m "not gpu" $(PYTEST_ARGS)
+
+test-unit: setup ## unit tests only (no control plane)
+	$(BIN)/pytest -m "not integration and not prometheus and not gpu" $(PYTEST_ARGS)
+
+test-integration: setup tools ## integration tests on the local control plane
+	$(BIN)/pytest -m "integration or prometheus" $(PYTEST_ARGS)
+
+test-gpu: setup ## the real-NVML tests; needs an NVIDIA GPU and driver
+	$(BIN)/pytest -m gpu $(PYTEST_ARGS)
+
+lint: setup ## ruff (lint + format check) and mypy --strict
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+crds: setup ## regenerate crds/ from the pydantic models
+	$(BIN)/python -m kubemeter_operator.crdgen
+
+cluster-up: setup tools ## start the local control plane in the background; kubeconfig in .kube/config
+	@mkdir -p .state
+	@nohup $(BIN)/python -m tests.support.controlplane up > .state/cluster-up.log 2>&1 &
+	@for i in $$(seq 1 240); do \
+	  if grep -q "control plane up" .state/cluster-up.log 2>/dev/null; then cat .state/cluster-up.log; \
+	    echo "try: kubectl --kubeconfig .kube/config get nodes"; exit 0; fi; \
+	  if ! pgrep -f "tests.support.controlplane up" >/dev/null; then cat .state/cluster-up.log; exit 1; fi; \
+	  sleep 0.5; done; echo "control plane not up after 120 s; see .state/cluster-up.log"; exit 1
+
+cluster-down: ## stop the local control plane and remove its state
+	@$(BIN)/python -m tests.support.controlplane down

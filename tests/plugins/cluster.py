@@ -1,0 +1,64 @@
+"""pytest plugin: the real local control plane (see :mod:`tests.support.controlplane`).
+
+Fixtures: ``cluster`` (session-wide :class:`ControlPlane`), ``namespace`` (a fresh namespace per
+test, deleted afterwards). With ``CI=true`` a control plane that cannot start fails the tests that
+need it; elsewhere they are skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Generator, Iterator
+
+import pytest
+
+from tests.support.controlplane import ControlPlane, ControlPlaneError, missing_binaries, tools_bin_dir
+
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+_planes: list[ControlPlane] = []
+
+
+def unavailable(reason: str) -> None:
+    """A missing part of the test environment: a failure in CI, a skip on a developer's machine."""
+    if IN_CI:
+        pytest.fail(f"{reason} (CI=true: a test that cannot run fails)", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    bin_dir = tools_bin_dir()
+    missing = missing_binaries(bin_dir)
+    if missing:
+        unavailable(f"control-plane binaries missing in {bin_dir}: {', '.join(missing)}; run tools/build.sh")
+    plane = ControlPlane(tmp_path_factory.mktemp("cluster"), bin_dir=bin_dir)
+    _planes.append(plane)
+    try:
+        plane.start()
+    except ControlPlaneError as error:
+        unavailable(f"the local control plane did not start: {error}")
+    try:
+        yield plane
+    finally:
+        plane.stop()
+        _planes.remove(plane)
+
+
+@pytest.fixture
+def namespace(cluster: ControlPlane) -> Iterator[str]:
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    cluster.kubectl("create", "namespace", name)
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, None, None]:
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and _planes and "cluster" in getattr(item, "fixturenames", ()):
+        plane = _planes[-1]
+        report.sections.append(("control plane logs", plane.logs_report()))
+        report.sections.append(("control plane memory (RSS bytes)", json.dumps(plane.rss_bytes())))
