@@ -123,7 +123,8 @@ class LabelSelectorRequirement(SpecModel):
     model_config = ConfigDict(
         json_schema_extra=cel_rules(
             (
-                "self.operator in ['In', 'NotIn'] ? size(self.values) > 0 : size(self.values) == 0",
+                "self.operator in ['In', 'NotIn'] ? has(self.values) && size(self.values) > 0 "
+                ": !has(self.values) || size(self.values) == 0",
                 "matchExpressions: operator In and NotIn need at least one entry in values; "
                 "Exists and DoesNotExist take no values",
             )
@@ -643,6 +644,18 @@ class BufferDeletePolicy(StrEnum):
 
 class BufferSpec(SpecModel):
     """The gateway's durable buffer on a PersistentVolume."""
+
+    # A StatefulSet's volumeClaimTemplates are immutable, so the volume shape is fixed at creation.
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            (
+                "self.size == oldSelf.size && has(self.storageClassName) == has(oldSelf.storageClassName) && "
+                "(!has(self.storageClassName) || self.storageClassName == oldSelf.storageClassName)",
+                "buffer.size and buffer.storageClassName cannot change once the volumes exist; create a new "
+                "Collector (with onDelete: Drain on the old one) to move to a new size or class",
+            )
+        )
+    )
 
     size: Quantity = Field(
         default="10Gi", description="Capacity of each gateway replica's volume, e.g. 10Gi."
