@@ -6,6 +6,7 @@ people; the unit tests in tests/unit/metering/test_pods.py pin them.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any, Literal
@@ -18,8 +19,12 @@ Basis = Literal["requests", "limits"]
 TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
 
 
+_FRACTION = re.compile(r"\.(\d{1,9})")
+
+
 def parse_time_ms(text: str) -> int:
-    """RFC 3339 (``2024-05-01T10:00:07Z``, optionally with fractions) → epoch milliseconds."""
+    """RFC 3339 (``2024-05-01T10:00:07Z``, optionally with up to nanosecond fractions) → epoch ms."""
+    text = _FRACTION.sub(lambda match: "." + match.group(1)[:6].ljust(6, "0"), text, count=1)
     moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     if moment.tzinfo is None:
         raise ValueError(f"timestamp {text!r} has no timezone; the API server always sends UTC with Z")

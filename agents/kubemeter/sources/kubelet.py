@@ -1,0 +1,282 @@
+"""Usage from the kubelet's own counters: ``GET https://<node InternalIP>:<kubelet port>/stats/summary``.
+
+CPU is ``usageCoreNanoSeconds`` per pod, a cumulative counter: core-seconds are counter deltas, so a
+missed poll loses resolution but never usage, and a reset counts from zero. Memory is the
+``workingSetBytes`` gauge, held from one sample to the next (byte-seconds); a late sample leaves a
+flagged gap. The kubelet authorises ``/stats/*`` as ``nodes/stats`` (not the broad ``nodes/proxy``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import ssl
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, Literal
+
+import aiohttp
+
+from kubemeter.metering.counters import CounterSample, counter_delta, first_delta, spread
+from kubemeter.metering.gauges import GaugeSample, integrate_gauge
+from kubemeter.metering.pods import parse_time_ms
+from kubemeter.metering.windows import Window
+from kubemeter.sources.base import PodRecord, Reading
+from kubemeter.sources.informer import Backoff, now_ms
+
+log = logging.getLogger(__name__)
+
+KUBELET_CA_FILE_ENV = "KUBEMETER_KUBELET_CA_FILE"
+KUBELET_INSECURE_ENV = "KUBEMETER_KUBELET_INSECURE_SKIP_TLS_VERIFY"
+Metric = Literal["cpu", "memory"]
+
+
+class KubeletStatsError(Exception):
+    """The kubelet answered, but not with a usable summary."""
+
+
+def kubelet_stats_url(node: Mapping[str, Any]) -> str:
+    """Where the node says its kubelet listens: InternalIP and ``daemonEndpoints.kubeletEndpoint``."""
+    status = node.get("status") or {}
+    addresses = {a.get("type"): a.get("address") for a in status.get("addresses") or []}
+    address = addresses.get("InternalIP") or addresses.get("Hostname")
+    port = ((status.get("daemonEndpoints") or {}).get("kubeletEndpoint") or {}).get("Port") or 10250
+    if not address:
+        name = (node.get("metadata") or {}).get("name")
+        raise KubeletStatsError(
+            f"node {name} lists no InternalIP in status.addresses; cannot reach its kubelet"
+        )
+    host = f"[{address}]" if ":" in address else address
+    return f"https://{host}:{port}/stats/summary?only_cpu_and_memory=true"
+
+
+def kubelet_ssl_context() -> ssl.SSLContext | bool:
+    if os.environ.get(KUBELET_INSECURE_ENV, "").lower() in {"1", "true", "yes"}:
+        return False
+    return ssl.create_default_context(cafile=os.environ.get(KUBELET_CA_FILE_ENV) or None)
+
+
+@dataclass
+class PodUsage:
+    """Per-pod state between polls; all of it is saved with the cursor."""
+
+    last_time_ms: int
+    last_value: int
+    counter_start_ms: int | None
+    by_window: dict[int, int] = field(default_factory=dict)  # window start -> amount
+    gaps: dict[int, str] = field(default_factory=dict)  # window start -> why it is incomplete
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "t": self.last_time_ms,
+            "v": self.last_value,
+            "s": self.counter_start_ms,
+            "w": {str(k): v for k, v in self.by_window.items()},
+            "g": {str(k): v for k, v in self.gaps.items()},
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> PodUsage:
+        return cls(
+            data["t"],
+            data["v"],
+            data["s"],
+            {int(k): v for k, v in data["w"].items()},
+            {int(k): v for k, v in data["g"].items()},
+        )
+
+
+def parse_summary(body: str) -> dict[str, tuple[str, str, Mapping[str, Any]]]:
+    """uid -> (namespace, name, pod stats); raises :class:`KubeletStatsError` on garbage."""
+    try:
+        summary = json.loads(body)
+        pods = summary["pods"]
+        return {
+            pod["podRef"]["uid"]: (pod["podRef"]["namespace"], pod["podRef"]["name"], pod) for pod in pods
+        }
+    except (ValueError, KeyError, TypeError) as error:
+        raise KubeletStatsError(
+            f"the kubelet's /stats/summary is not the expected JSON ({type(error).__name__}: {error})"
+        ) from error
+
+
+class KubeletUsageSource:
+    def __init__(
+        self,
+        metric: Metric,
+        window_ms: int,
+        interval_ms: int,
+        not_before_ms: int,
+        stats_url: Callable[[], str],
+        token: Callable[[], str | None],
+        session: aiohttp.ClientSession,
+        on_error: Callable[[str, BaseException], None] = lambda source, error: None,
+    ) -> None:
+        self.metric = metric
+        self.window_ms = window_ms
+        self.interval_ms = interval_ms
+        # A sample later than this after the previous one means polls were missed.
+        self.max_step_ms = interval_ms * 5 // 2
+        self.not_before_ms = not_before_ms
+        self.stats_url = stats_url
+        self.token = token
+        self.session = session
+        self.on_error = on_error
+        self.pods: dict[str, PodUsage] = {}
+        self.closed_through_ms = not_before_ms
+        self.observed_ms = 0
+        self.last_error: str | None = None
+        self.scale = -9 if metric == "cpu" else -3  # core-ns -> core-s; byte-ms -> byte-s
+
+    # ---- observing ------------------------------------------------------------------------------
+    async def run(self) -> None:
+        backoff = Backoff(initial_s=self.interval_ms / 2000, max_s=max(30.0, self.interval_ms / 1000))
+        while True:
+            try:
+                body = await self._fetch()
+                self.ingest(parse_summary(body), polled_at_ms=now_ms())
+                self.last_error = None
+                backoff.reset()
+                await asyncio.sleep(self.interval_ms / 1000)
+            except asyncio.CancelledError:
+                raise
+            except (aiohttp.ClientError, OSError, TimeoutError, KubeletStatsError) as error:
+                self.last_error = f"kubelet stats unavailable: {type(error).__name__}: {error}"
+                self.on_error("kubelet", error)
+                log.warning("%s; retrying", self.last_error)
+                await asyncio.sleep(backoff.next_delay_s())
+
+    async def _fetch(self) -> str:
+        token = self.token()
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        async with self.session.get(
+            self.stats_url(),
+            headers=headers,
+            ssl=kubelet_ssl_context(),
+            timeout=aiohttp.ClientTimeout(total=max(5.0, self.interval_ms / 1000)),
+        ) as response:
+            body = await response.text()
+            if response.status in (401, 403):
+                raise KubeletStatsError(
+                    f"kubelet refused /stats/summary ({response.status}); grant the agent's "
+                    "ServiceAccount get on nodes/stats"
+                )
+            if response.status >= 400:
+                raise KubeletStatsError(f"kubelet answered {response.status}: {body[:200]}")
+            return body
+
+    def ingest(self, pods: Mapping[str, tuple[str, str, Mapping[str, Any]]], polled_at_ms: int) -> None:
+        """Fold one summary into the per-window amounts (pure apart from ``self``)."""
+        oldest_ms = polled_at_ms
+        for uid, (_namespace, _name, stats) in pods.items():
+            sample = self._sample(stats)
+            if sample is None:
+                continue
+            time_ms, value, start_ms = sample
+            oldest_ms = min(oldest_ms, time_ms)
+            state = self.pods.get(uid)
+            if state is None:
+                state = PodUsage(time_ms, value, start_ms)
+                self.pods[uid] = state
+                if self.metric == "cpu":
+                    delta = first_delta(CounterSample(time_ms, value, start_ms), self.not_before_ms)
+                    self._add(state, spread(delta.amount, delta.from_ms, delta.to_ms, self.window_ms))
+                continue
+            if time_ms <= state.last_time_ms:
+                continue  # the kubelet's cached stats did not move
+            gap = time_ms - state.last_time_ms > self.max_step_ms
+            if self.metric == "cpu":
+                delta = counter_delta(
+                    CounterSample(state.last_time_ms, state.last_value, state.counter_start_ms),
+                    CounterSample(time_ms, value, start_ms),
+                )
+                shares = spread(delta.amount, delta.from_ms, delta.to_ms, self.window_ms)
+                self._add(state, shares)
+                if gap:
+                    reason = (
+                        f"no kubelet sample from {state.last_time_ms} to {time_ms} ms; the counter "
+                        "delta over the gap is spread evenly"
+                    )
+                    self._flag(state, list(shares), reason)
+            else:
+                step = integrate_gauge(
+                    GaugeSample(state.last_time_ms, state.last_value),
+                    time_ms,
+                    self.max_step_ms,
+                    self.window_ms,
+                )
+                self._add(state, step.value_ms_by_window)
+                reason = f"no kubelet sample from {state.last_time_ms} to {time_ms} ms; memory not observed"
+                self._flag(state, list(step.gap_ms_by_window), reason)
+            state.last_time_ms, state.last_value, state.counter_start_ms = time_ms, value, start_ms
+        self.observed_ms = max(self.observed_ms, oldest_ms)
+
+    def _sample(self, stats: Mapping[str, Any]) -> tuple[int, int, int | None] | None:
+        section = stats.get(self.metric) or {}
+        key = "usageCoreNanoSeconds" if self.metric == "cpu" else "workingSetBytes"
+        if section.get(key) is None or not section.get("time"):
+            return None
+        start = stats.get("startTime")
+        return parse_time_ms(section["time"]), int(section[key]), parse_time_ms(start) if start else None
+
+    def _add(self, state: PodUsage, shares: Mapping[int, int]) -> None:
+        for window_start_ms, amount in shares.items():
+            if window_start_ms < self.closed_through_ms:
+                continue  # that window was already closed (flagged) during the outage
+            state.by_window[window_start_ms] = state.by_window.get(window_start_ms, 0) + amount
+
+    def _flag(self, state: PodUsage, window_starts: list[int], reason: str) -> None:
+        for window_start_ms in window_starts:
+            if window_start_ms >= self.closed_through_ms:
+                state.gaps.setdefault(window_start_ms, reason)
+
+    # ---- the Source interface ---------------------------------------------------------------------
+    def observed_through_ms(self) -> int:
+        return self.observed_ms
+
+    def fault(self) -> str | None:
+        return self.last_error
+
+    def readings(self, window: Window, pods: Mapping[str, PodRecord]) -> list[Reading]:
+        readings: list[Reading] = []
+        late = window.end_ms > self.observed_ms
+        for uid, state in self.pods.items():
+            amount = state.by_window.get(window.start_ms)
+            reason = state.gaps.get(window.start_ms)
+            still_running = (
+                state.last_time_ms < window.end_ms and uid in pods and pods[uid].deleted_at_ms is None
+            )
+            if late and still_running and reason is None:
+                reason = f"kubelet not read since {self.observed_ms} ms ({self.last_error})"
+            if amount is None and reason is None:
+                continue
+            value = Decimal(amount or 0).scaleb(self.scale)
+            readings.append(Reading(uid, value, complete=reason is None, incomplete_reason=reason))
+        return readings
+
+    def committed(self, window: Window) -> None:
+        self.closed_through_ms = max(self.closed_through_ms, window.end_ms)
+        for uid in list(self.pods):
+            state = self.pods[uid]
+            state.by_window = {k: v for k, v in state.by_window.items() if k >= window.end_ms}
+            state.gaps = {k: v for k, v in state.gaps.items() if k >= window.end_ms}
+            # A pod gone from the summary for a whole window after its last sample is finished.
+            if not state.by_window and state.last_time_ms + self.window_ms < window.start_ms:
+                del self.pods[uid]
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "closed_through_ms": self.closed_through_ms,
+            "observed_ms": self.observed_ms,
+            "pods": {uid: state.to_json() for uid, state in self.pods.items()},
+        }
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        if not state:
+            return
+        self.closed_through_ms = max(self.closed_through_ms, int(state["closed_through_ms"]))
+        self.observed_ms = int(state["observed_ms"])
+        self.pods = {uid: PodUsage.from_json(data) for uid, data in state["pods"].items()}
