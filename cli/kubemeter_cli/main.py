@@ -11,7 +11,9 @@ import sys
 from collections.abc import Sequence
 
 # role -> (module, callable taking argv, one-line help)
-ROLES: dict[str, tuple[str, str, str]] = {}
+ROLES: dict[str, tuple[str, str, str]] = {
+    "agent": ("kubemeter.agent", "run", "meter the pods of one node into usage events (DaemonSet)"),
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,245 @@
+"""``kubemeter agent``: one process per node per Collector.
+
+Tasks on one event loop: the pod watch (this node only) and the namespace watch, a node refresher,
+one task per meter (each with its source), the config-file watcher, the checkpoint heartbeat and the
+HTTP server for ``/healthz`` and ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from kubemeter.agent.checkpoint import CheckpointStore
+from kubemeter.agent.meters import MeterRunner, World, build_source
+from kubemeter.agent.telemetry import Telemetry
+from kubemeter.config import HEALTH_PATH, METRICS_PATH, AgentConfig, ResolvedMeter
+from kubemeter.metering.windows import window_containing
+from kubemeter.output import EventOutput
+from kubemeter.sources.allocation import held_interval
+from kubemeter.sources.informer import Informer, now_ms
+from kubemeter.sources.kube import KubeApi, KubeCredentials
+from kubemeter.sources.kubelet import kubelet_stats_url
+
+log = logging.getLogger(__name__)
+
+CONFIG_POLL_S = 1.0
+NODE_REFRESH_S = 30.0
+OutputFactory = Callable[[AgentConfig], EventOutput]
+
+
+def pod_key(obj: Any) -> str:
+    return str(obj["metadata"]["uid"])
+
+
+def name_key(obj: Any) -> str:
+    return str(obj["metadata"]["name"])
+
+
+class Agent:
+    def __init__(
+        self,
+        config_path: Path,
+        node_name: str,
+        output_factory: OutputFactory,
+        kubeconfig: str | None = None,
+        metrics_port: int | None = None,
+    ) -> None:
+        self.config_path = config_path
+        self.config_text = config_path.read_text()
+        self.config = AgentConfig.from_yaml(self.config_text)
+        self.node_name = node_name
+        self.output = output_factory(self.config)
+        self.kubeconfig = kubeconfig
+        self.metrics_port = self.config.metrics_port if metrics_port is None else metrics_port
+        self.telemetry = Telemetry()
+        self.store = CheckpointStore(self.config.checkpoint_dir)
+        self.runners: dict[str, tuple[MeterRunner, asyncio.Task[None]]] = {}
+        self.saved_pod_versions: dict[str, str] = {}
+
+    async def run(self) -> None:
+        credentials = KubeCredentials.load(self.kubeconfig)
+        async with aiohttp.ClientSession() as session:
+            api = KubeApi(credentials, session)
+            pods = Informer(
+                api,
+                "/api/v1/pods",
+                {"fieldSelector": f"spec.nodeName={self.node_name}"},
+                pod_key,
+                "pods",
+                on_error=self.telemetry.source_error,
+            )
+            namespaces = Informer(
+                api, "/api/v1/namespaces", {}, name_key, "namespaces", on_error=self.telemetry.source_error
+            )
+            # Pods known before a restart; the relist tells which vanished while the agent was down.
+            pods.objects.update(self.store.load_pods())
+            pods.healthy_through_ms = self.store.last_heartbeat_ms() or 0
+            self.world = World(self.config.cluster, self.node_name, pods, namespaces)
+            self.api, self.session, self.credentials = api, session, credentials
+            background = [
+                asyncio.create_task(pods.run(), name="pod watch"),
+                asyncio.create_task(namespaces.run(), name="namespace watch"),
+                asyncio.create_task(self._refresh_node(), name="node"),
+            ]
+            runner = await self._serve_http()
+            try:
+                await pods.synced.wait()
+                await namespaces.synced.wait()
+                self.apply_meters(self.config)
+                background.append(asyncio.create_task(self._watch_config(), name="config"))
+                await self._housekeeping()
+            finally:
+                for task in background + [task for _, task in self.runners.values()]:
+                    task.cancel()
+                await runner.cleanup()
+                self.store.close()
+
+    # ---- meters and configuration -----------------------------------------------------------------
+    def _kubelet_url(self) -> str:
+        if self.config.kubelet_url:
+            return self.config.kubelet_url.rstrip("/") + "/stats/summary?only_cpu_and_memory=true"
+        return kubelet_stats_url(self.world.node)
+
+    def apply_meters(self, config: AgentConfig) -> None:
+        """Start new meters, re-configure changed ones in place (same cursor), stop removed ones."""
+        wanted = {meter.uid: meter for meter in config.meters}
+        for uid in list(self.runners):
+            if uid not in wanted:
+                runner, task = self.runners.pop(uid)
+                task.cancel()
+                log.info("meter %s removed; its checkpoint stays for a later return", runner.name)
+        for uid, meter in wanted.items():
+            if uid in self.runners:
+                runner, task = self.runners[uid]
+                if runner.meter.spec.source == meter.spec.source:
+                    runner.configure(meter)
+                    continue
+                task.cancel()  # a different source: start over from the same cursor
+                del self.runners[uid]
+            self._start_meter(meter, config)
+
+    def _start_meter(self, meter: ResolvedMeter, config: AgentConfig) -> None:
+        saved = self.store.meter(meter.uid)
+        not_before_ms = (
+            saved[0] if saved else window_containing(now_ms(), meter.spec.window_seconds * 1000).start_ms
+        )
+        source = build_source(
+            meter,
+            self.world,
+            config.interval_seconds * 1000,
+            not_before_ms,
+            self._kubelet_url,
+            lambda: self.credentials.token,
+            self.session,
+            self.telemetry,
+        )
+        runner = MeterRunner(
+            meter,
+            source,
+            self.world,
+            self.store,
+            self.output,
+            self.telemetry,
+            min(1.0, config.interval_seconds),
+        )
+        self.runners[meter.uid] = (runner, asyncio.create_task(runner.run(), name=f"meter {runner.name}"))
+
+    async def _watch_config(self) -> None:
+        while True:
+            await asyncio.sleep(CONFIG_POLL_S)
+            try:
+                text = self.config_path.read_text()
+            except OSError:
+                continue  # a ConfigMap update swaps a symlink; the file is back on the next poll
+            if text == self.config_text:
+                continue
+            try:
+                config = AgentConfig.from_yaml(text)
+                self.apply_meters(config)
+            except Exception as error:
+                self.telemetry.config_reloads.labels("refused").inc()
+                log.error("new configuration in %s refused, keeping the old one: %s", self.config_path, error)
+            else:
+                self.config = config
+                self.telemetry.config_reloads.labels("applied").inc()
+                log.info("configuration reloaded: %d meters", len(config.meters))
+            self.config_text = text
+
+    # ---- node, pods, liveness ---------------------------------------------------------------------
+    async def _refresh_node(self) -> None:
+        while True:
+            try:
+                self.world.node = await self.api.get(f"/api/v1/nodes/{self.node_name}")
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                self.telemetry.source_error("node", error)
+                log.warning("reading node %s failed: %s", self.node_name, error)
+                await asyncio.sleep(2)
+                continue
+            await asyncio.sleep(NODE_REFRESH_S)
+
+    async def _housekeeping(self) -> None:
+        while True:
+            pods = self.world.pods
+            self.store.save_pods(pods.objects, self.saved_pod_versions)
+            if pods.healthy:
+                self.store.heartbeat(pods.healthy_through_ms)
+            self._forget_finished_pods()
+            await asyncio.sleep(1.0)
+
+    def _forget_finished_pods(self) -> None:
+        """Drop pods that are gone and whose every window has been emitted by every meter."""
+        if not self.runners:
+            return
+        oldest_cursor_ms = min(runner.cursor_ms for runner, _ in self.runners.values())
+        done: list[str] = []
+        for uid, cached in self.world.pods.objects.items():
+            if cached.deleted_at_ms is None:
+                continue
+            end_ms = held_interval(cached)[0].end_ms or cached.deleted_at_ms
+            if max(end_ms, cached.deleted_at_ms) < oldest_cursor_ms:
+                done.append(uid)
+        for uid in done:
+            self.world.pods.forget(uid)
+            self.saved_pod_versions.pop(uid, None)
+        if done:
+            self.store.forget_pods(done)
+
+    # ---- HTTP -------------------------------------------------------------------------------------
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        pods = self.world.pods
+        meters = {runner.name: runner.last_error or "ok" for runner, _ in self.runners.values()}
+        problems = []
+        if not pods.synced.is_set():
+            problems.append("pod watch not synced yet")
+        if not pods.healthy:
+            problems.append(f"pod watch down: {pods.last_error}")
+        return not problems, {"problems": problems, "meters": meters}
+
+    async def _serve_http(self) -> web.AppRunner:
+        async def healthz(_: web.Request) -> web.Response:
+            if not hasattr(self, "world"):
+                return web.json_response({"problems": ["starting"]}, status=503)
+            ok, body = self.health()
+            return web.json_response(body, status=200 if ok else 503)
+
+        async def metrics(_: web.Request) -> web.Response:
+            body = generate_latest(self.telemetry.registry)
+            return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        app = web.Application()
+        app.router.add_get(HEALTH_PATH, healthz)
+        app.router.add_get(METRICS_PATH, metrics)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "0.0.0.0", self.metrics_port).start()
+        return runner

@@ -1,0 +1,58 @@
+"""The agent's own metrics (``/metrics``), in a registry of its own."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+
+class Telemetry:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.events_emitted = Counter(
+            "kubemeter_agent_events_emitted",
+            "Usage events written to the output.",
+            ["meter"],
+            registry=self.registry,
+        )
+        self.incomplete_events = Counter(
+            "kubemeter_agent_incomplete_readings",
+            "Readings flagged complete=false.",
+            ["meter"],
+            registry=self.registry,
+        )
+        self.windows_closed = Counter(
+            "kubemeter_agent_windows_closed",
+            "Windows closed and checkpointed.",
+            ["meter"],
+            registry=self.registry,
+        )
+        self.source_errors = Counter(
+            "kubemeter_agent_source_errors",
+            "Faults reading a source (retried).",
+            ["source"],
+            registry=self.registry,
+        )
+        self.lag_seconds = Gauge(
+            "kubemeter_agent_lag_seconds",
+            "Now minus the end of the last closed window.",
+            ["meter"],
+            registry=self.registry,
+        )
+        self.config_reloads = Counter(
+            "kubemeter_agent_config_reloads",
+            "Configuration files applied.",
+            ["result"],
+            registry=self.registry,
+        )
+
+    def window_closed(self, meter: str, events: int, incomplete: int) -> None:
+        self.windows_closed.labels(meter).inc()
+        self.events_emitted.labels(meter).inc(events)
+        if incomplete:
+            self.incomplete_events.labels(meter).inc(incomplete)
+
+    def source_error(self, source: str, error: BaseException) -> None:
+        self.source_errors.labels(source).inc()
+
+    def lag(self, meter: str, seconds: float) -> None:
+        self.lag_seconds.labels(meter).set(seconds)
