@@ -1,0 +1,80 @@
+"""The ConfigMap with the resolved ``agent.yaml`` and ``gateway.yaml``.
+
+Agents watch the mounted file and reload it, so Meter and Pipeline edits reach them without a
+restart; the gateway restarts on change (its pod template carries the hash of ``gateway.yaml``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from kubemeter.config import (
+    AGENT_CONFIG_FILENAME,
+    GATEWAY_CONFIG_FILENAME,
+    GATEWAY_PORT,
+    SECRETS_DIR,
+    AgentConfig,
+    CollectorSpec,
+    GatewayConfig,
+    ResolvedMeter,
+    quantity_to_bytes,
+)
+
+from kubemeter_operator.builders.common import CollectorRef, Manifest, metadata
+
+AGENT_STATE_DIR = "/var/lib/kubemeter"
+AGENT_SPOOL_DIR = f"{AGENT_STATE_DIR}/spool"
+AGENT_CHECKPOINT_DIR = f"{AGENT_STATE_DIR}/checkpoints"
+GATEWAY_DATA_DIR = "/var/lib/kubemeter/gateway"
+# The queue may fill this share of the volume; the rest is headroom for the database's own files.
+BUFFER_USABLE_FRACTION = 0.9
+
+
+def gateway_url(collector: CollectorRef) -> str:
+    return f"http://{collector.gateway_name}.{collector.namespace}.svc:{GATEWAY_PORT}"
+
+
+def secret_dir(secret_name: str) -> str:
+    return f"{SECRETS_DIR}/{secret_name}"
+
+
+def render_agent_config(
+    collector: CollectorRef, spec: CollectorSpec, meters: Sequence[ResolvedMeter], cluster_name: str
+) -> AgentConfig:
+    return AgentConfig(
+        cluster=cluster_name,
+        collector=collector.name,
+        namespace=collector.namespace,
+        meters=sorted(meters, key=lambda meter: meter.name),
+        gateway_url=gateway_url(collector),
+        interval_seconds=spec.agent.interval_seconds,
+        spool_dir=AGENT_SPOOL_DIR,
+        checkpoint_dir=AGENT_CHECKPOINT_DIR,
+    )
+
+
+def render_gateway_config(collector: CollectorRef, spec: CollectorSpec, cluster_name: str) -> GatewayConfig:
+    secret = spec.output.credentials_secret_ref
+    return GatewayConfig(
+        cluster=cluster_name,
+        collector=collector.name,
+        namespace=collector.namespace,
+        output=spec.output,
+        credentials_file=f"{secret_dir(secret.name)}/{secret.key}" if secret else None,
+        buffer=spec.buffer,
+        buffer_max_bytes=max(1, int(quantity_to_bytes(spec.buffer.size) * BUFFER_USABLE_FRACTION)),
+        data_dir=GATEWAY_DATA_DIR,
+    )
+
+
+def get_config_map(
+    collector: CollectorRef, agent_config: AgentConfig, gateway_config: GatewayConfig
+) -> Manifest:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": metadata(collector, collector.config_name, "config"),
+        "data": {
+            AGENT_CONFIG_FILENAME: agent_config.to_yaml(),
+            GATEWAY_CONFIG_FILENAME: gateway_config.to_yaml(),
+        },
+    }

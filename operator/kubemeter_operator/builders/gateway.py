@@ -1,0 +1,155 @@
+"""The gateway: a StatefulSet whose volumes hold the durable buffer, its Services and its PDB."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kubemeter.config import (
+    CONFIG_DIR,
+    GATEWAY_CONFIG_FILENAME,
+    GATEWAY_PORT,
+    HEALTH_PATH,
+    POD_NAME_ENV,
+    BufferDeletePolicy,
+    CollectorSpec,
+)
+
+from kubemeter_operator.builders.agent import container_security_context, http_probe
+from kubemeter_operator.builders.common import (
+    GATEWAY_CONFIG_HASH_ANNOTATION,
+    CollectorRef,
+    Manifest,
+    labels,
+    metadata,
+    selector_labels,
+)
+from kubemeter_operator.builders.configmap import GATEWAY_DATA_DIR, secret_dir
+from kubemeter_operator.settings import OperatorSettings
+
+DATA_VOLUME = "data"
+
+
+def pvc_retention_policy(spec: CollectorSpec) -> dict[str, str]:
+    """Volumes outlive their Collector unless it drains: Retain keeps undelivered usage for a new
+    Collector of the same name; Drain deletes them only after the operator saw the buffer empty."""
+    when_deleted = "Delete" if spec.buffer.on_delete is BufferDeletePolicy.DRAIN else "Retain"
+    return {"whenDeleted": when_deleted, "whenScaled": "Retain"}
+
+
+def get_gateway_statefulset(
+    collector: CollectorRef, spec: CollectorSpec, settings: OperatorSettings, gateway_config_hash: str
+) -> Manifest:
+    mounts: list[dict[str, Any]] = [
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": DATA_VOLUME, "mountPath": GATEWAY_DATA_DIR},
+    ]
+    volumes: list[dict[str, Any]] = [{"name": "config", "configMap": {"name": collector.config_name}}]
+    secret = spec.output.credentials_secret_ref
+    if secret is not None:
+        # A Secret volume (not an env var) follows credential rotation without a restart.
+        volumes.append(
+            {
+                "name": "credentials",
+                "secret": {"secretName": secret.name, "items": [{"key": secret.key, "path": secret.key}]},
+            }
+        )
+        mounts.append({"name": "credentials", "mountPath": secret_dir(secret.name), "readOnly": True})
+    claim: dict[str, Any] = {
+        "metadata": {"name": DATA_VOLUME, "labels": labels(collector, "gateway")},
+        "spec": {
+            "accessModes": ["ReadWriteOnce"],
+            "resources": {"requests": {"storage": str(spec.buffer.size)}},
+        },
+    }
+    if spec.buffer.storage_class_name:
+        claim["spec"]["storageClassName"] = spec.buffer.storage_class_name
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": metadata(collector, collector.gateway_name, "gateway"),
+        "spec": {
+            "replicas": spec.gateway.replicas,
+            "serviceName": collector.gateway_headless_name,
+            "podManagementPolicy": "Parallel",
+            "selector": {"matchLabels": selector_labels(collector, "gateway")},
+            "persistentVolumeClaimRetentionPolicy": pvc_retention_policy(spec),
+            "template": {
+                "metadata": {
+                    "labels": labels(collector, "gateway"),
+                    "annotations": {GATEWAY_CONFIG_HASH_ANNOTATION: gateway_config_hash},
+                },
+                "spec": {
+                    "serviceAccountName": collector.gateway_name,
+                    "automountServiceAccountToken": False,
+                    # Long enough to finish an in-flight batch and fsync before the volume moves.
+                    "terminationGracePeriodSeconds": 60,
+                    "securityContext": {"fsGroup": 65532, "runAsNonRoot": True, "runAsUser": 65532},
+                    "containers": [
+                        {
+                            "name": "gateway",
+                            "image": settings.image,
+                            "imagePullPolicy": settings.image_pull_policy,
+                            "args": ["gateway", "--config", f"{CONFIG_DIR}/{GATEWAY_CONFIG_FILENAME}"],
+                            "env": [
+                                {
+                                    "name": POD_NAME_ENV,
+                                    "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
+                                }
+                            ],
+                            "ports": [{"name": "http", "containerPort": GATEWAY_PORT, "protocol": "TCP"}],
+                            "livenessProbe": http_probe(
+                                HEALTH_PATH, "http", period_seconds=20, failure_threshold=3
+                            ),
+                            "readinessProbe": http_probe(
+                                HEALTH_PATH, "http", period_seconds=10, failure_threshold=1
+                            ),
+                            "resources": spec.gateway.resources.to_wire(),
+                            "securityContext": container_security_context(),
+                            "volumeMounts": mounts,
+                        }
+                    ],
+                    "volumes": volumes,
+                },
+            },
+            "volumeClaimTemplates": [claim],
+        },
+    }
+
+
+def get_gateway_service(collector: CollectorRef) -> Manifest:
+    """What agents (and applications) send events to."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(collector, collector.gateway_name, "gateway"),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector_labels(collector, "gateway"),
+            "ports": [{"name": "http", "port": GATEWAY_PORT, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def get_gateway_headless_service(collector: CollectorRef) -> Manifest:
+    """Stable per-replica DNS names for the StatefulSet."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(collector, collector.gateway_headless_name, "gateway"),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": selector_labels(collector, "gateway"),
+            "ports": [{"name": "http", "port": GATEWAY_PORT, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def get_gateway_pod_disruption_budget(collector: CollectorRef) -> Manifest:
+    """One gateway down at a time during node drains; agents spool meanwhile."""
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": metadata(collector, collector.gateway_name, "gateway"),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(collector, "gateway")}},
+    }

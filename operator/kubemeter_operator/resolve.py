@@ -1,0 +1,353 @@
+"""From the Meters, Pipelines and Collectors of one namespace to what each Collector runs, and to what
+is wrong with each object. Pure: the caller passes in what it read (objects, Secrets)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubemeter.config import (
+    CollectorSpec,
+    LabelSelector,
+    LabelSelectorOperator,
+    MeterSpec,
+    PipelineSpec,
+    ResolvedMeter,
+)
+from pydantic import ValidationError
+
+from kubemeter_operator.builders.configmap import secret_dir
+from kubemeter_operator.celcheck import METER_VARIABLES, PROCESSOR_VARIABLES, expression_error
+
+
+@dataclass(frozen=True)
+class ObjectView:
+    """What the operator knows of one custom resource."""
+
+    kind: str
+    namespace: str
+    name: str
+    uid: str
+    generation: int
+    labels: Mapping[str, str]
+    spec: Mapping[str, Any]
+    status: Mapping[str, Any]
+    deleting: bool = False
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> ObjectView:
+        meta = body.get("metadata", {})
+        return cls(
+            kind=body.get("kind", ""),
+            namespace=meta.get("namespace", ""),
+            name=meta.get("name", ""),
+            uid=meta.get("uid", ""),
+            generation=int(meta.get("generation", 0) or 0),
+            labels=dict(meta.get("labels") or {}),
+            spec=dict(body.get("spec") or {}),
+            status=dict(body.get("status") or {}),
+            deleting=bool(meta.get("deletionTimestamp")),
+        )
+
+    def event_target(self) -> dict[str, Any]:
+        """The body kopf needs to post an Event about this object."""
+        return {
+            "apiVersion": "kubemeter.io/v1alpha1",
+            "kind": self.kind,
+            "metadata": {"name": self.name, "namespace": self.namespace, "uid": self.uid},
+        }
+
+
+@dataclass(frozen=True, order=True)
+class Problem:
+    """Something a person must fix. ``reason`` is CamelCase; ``message`` names the field and the fix."""
+
+    reason: str
+    message: str
+
+
+SecretKeys = Mapping[str, frozenset[str] | None]  # Secret name -> its keys, or None when it is missing
+
+
+def validation_message(kind: str, name: str, error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "spec"
+    return f'{kind} "{name}": spec.{where}: {first["msg"]}'
+
+
+def selector_matches(selector: LabelSelector, labels: Mapping[str, str]) -> bool:
+    if any(labels.get(key) != value for key, value in selector.match_labels.items()):
+        return False
+    for requirement in selector.match_expressions:
+        present = requirement.key in labels
+        value = labels.get(requirement.key)
+        if requirement.operator is LabelSelectorOperator.IN and value not in requirement.values:
+            return False
+        if requirement.operator is LabelSelectorOperator.NOT_IN and present and value in requirement.values:
+            return False
+        if requirement.operator is LabelSelectorOperator.EXISTS and not present:
+            return False
+        if requirement.operator is LabelSelectorOperator.DOES_NOT_EXIST and present:
+            return False
+    return True
+
+
+def parse_meter(meter: ObjectView) -> tuple[MeterSpec | None, list[Problem]]:
+    """The Meter's spec and every problem only the operator can see (CEL, parse errors)."""
+    try:
+        spec = MeterSpec.model_validate(meter.spec)
+    except ValidationError as error:
+        return None, [Problem("InvalidSpec", validation_message("Meter", meter.name, error))]
+    problems: list[Problem] = []
+    expressions = {"spec.subject.expression": spec.subject.expression}
+    expressions |= {f"spec.dimensions.{key}": value for key, value in spec.dimensions.items()}
+    for where, expression in expressions.items():
+        failure = expression_error(expression, METER_VARIABLES)
+        if failure:
+            problems.append(Problem("InvalidExpression", f'Meter "{meter.name}": {where} {failure}'))
+    return spec, problems
+
+
+def meter_secret_problems(meter: ObjectView, spec: MeterSpec, secrets: SecretKeys) -> list[Problem]:
+    if spec.source.runai is None:
+        return []
+    name = spec.source.runai.credentials_secret_ref.name
+    keys = secrets.get(name)
+    if keys is None:
+        return [
+            Problem(
+                "SecretNotFound",
+                f'Meter "{meter.name}": spec.source.runai.credentialsSecretRef names Secret "{name}", which '
+                f'does not exist in namespace "{meter.namespace}"; create it with keys appId and appSecret',
+            )
+        ]
+    missing = sorted({"appId", "appSecret"} - keys)
+    if missing:
+        return [
+            Problem(
+                "SecretKeyNotFound",
+                f'Meter "{meter.name}": Secret "{name}" lacks key(s) {", ".join(missing)}; add them',
+            )
+        ]
+    return []
+
+
+def parse_pipeline(pipeline: ObjectView) -> tuple[PipelineSpec | None, list[Problem]]:
+    try:
+        spec = PipelineSpec.model_validate(pipeline.spec)
+    except ValidationError as error:
+        return None, [Problem("InvalidSpec", validation_message("Pipeline", pipeline.name, error))]
+    problems: list[Problem] = []
+    for index, processor in enumerate(spec.processors):
+        expressions: dict[str, str] = {}
+        if processor.filter is not None:
+            expressions[f"spec.processors[{index}].filter"] = processor.filter
+        for key, expression in (processor.set or {}).items():
+            expressions[f"spec.processors[{index}].set.{key}"] = expression
+        for where, expression in expressions.items():
+            failure = expression_error(expression, PROCESSOR_VARIABLES)
+            if failure:
+                problems.append(
+                    Problem("InvalidExpression", f'Pipeline "{pipeline.name}": {where} {failure}')
+                )
+    return spec, problems
+
+
+def bound_meter_names(spec: PipelineSpec, meters: Iterable[ObjectView]) -> list[str]:
+    """Names the Pipeline binds: listed names (existing or not) or the selector's matches."""
+    if spec.meters is not None:
+        return list(dict.fromkeys(spec.meters))
+    assert spec.meter_selector is not None
+    return sorted(meter.name for meter in meters if selector_matches(spec.meter_selector, meter.labels))
+
+
+@dataclass
+class NamespaceResolution:
+    """Everything the operator concludes about one namespace."""
+
+    collector_specs: dict[str, CollectorSpec] = field(default_factory=dict)
+    collector_meters: dict[str, list[ResolvedMeter]] = field(default_factory=dict)
+    collector_problems: dict[str, list[Problem]] = field(default_factory=dict)
+    collector_secret_names: dict[str, list[str]] = field(default_factory=dict)  # mounted into agents
+    pipeline_problems: dict[str, list[Problem]] = field(default_factory=dict)
+    pipeline_meters: dict[str, list[str]] = field(default_factory=dict)
+    meter_problems: dict[str, list[Problem]] = field(default_factory=dict)
+    meter_collectors: dict[str, list[str]] = field(default_factory=dict)
+    meter_sources: dict[str, str] = field(default_factory=dict)
+
+
+def referenced_secrets(collectors: Sequence[ObjectView], meters: Sequence[ObjectView]) -> set[str]:
+    """Secret names the resolution will ask about, so the caller can read exactly those."""
+    names: set[str] = set()
+    for collector in collectors:
+        reference = (collector.spec.get("output") or {}).get("credentialsSecretRef") or {}
+        if reference.get("name"):
+            names.add(reference["name"])
+    for meter in meters:
+        reference = ((meter.spec.get("source") or {}).get("runai") or {}).get("credentialsSecretRef") or {}
+        if reference.get("name"):
+            names.add(reference["name"])
+    return names
+
+
+def _collector_secret_problems(
+    collector: ObjectView, spec: CollectorSpec, secrets: SecretKeys
+) -> list[Problem]:
+    reference = spec.output.credentials_secret_ref
+    if reference is None:
+        return []
+    keys = secrets.get(reference.name)
+    if keys is None:
+        return [
+            Problem(
+                "SecretNotFound",
+                f'Collector "{collector.name}": spec.output.credentialsSecretRef names Secret '
+                f'"{reference.name}", which does not exist in namespace "{collector.namespace}"; '
+                f'create it with key "{reference.key}"',
+            )
+        ]
+    if reference.key not in keys:
+        return [
+            Problem(
+                "SecretKeyNotFound",
+                f'Collector "{collector.name}": Secret "{reference.name}" has no key "{reference.key}" '
+                f"(it has: {', '.join(sorted(keys)) or 'none'}); add the key or fix "
+                "spec.output.credentialsSecretRef.key",
+            )
+        ]
+    return []
+
+
+def resolve_namespace(
+    collectors: Sequence[ObjectView],
+    pipelines: Sequence[ObjectView],
+    meters: Sequence[ObjectView],
+    secrets: SecretKeys,
+) -> NamespaceResolution:
+    result = NamespaceResolution()
+    meters_by_name = {meter.name: meter for meter in meters}
+    live_collectors = {collector.name: collector for collector in collectors}
+
+    meter_specs: dict[str, MeterSpec] = {}
+    for meter in sorted(meters, key=lambda item: item.name):
+        meter_spec, problems = parse_meter(meter)
+        if meter_spec is not None:
+            meter_specs[meter.name] = meter_spec
+            result.meter_sources[meter.name] = meter_spec.source.summary()
+            problems += meter_secret_problems(meter, meter_spec, secrets)
+        result.meter_problems[meter.name] = problems
+        result.meter_collectors[meter.name] = []
+
+    for collector in sorted(collectors, key=lambda item: item.name):
+        try:
+            collector_spec = CollectorSpec.model_validate(collector.spec)
+        except ValidationError as error:
+            message = validation_message("Collector", collector.name, error)
+            result.collector_problems[collector.name] = [Problem("InvalidSpec", message)]
+            continue
+        result.collector_specs[collector.name] = collector_spec
+        result.collector_problems[collector.name] = _collector_secret_problems(
+            collector, collector_spec, secrets
+        )
+        result.collector_meters[collector.name] = []
+        result.collector_secret_names[collector.name] = []
+
+    bound_by: dict[tuple[str, str], str] = {}  # (collector, meter) -> the Pipeline that bound it first
+    for pipeline in sorted(pipelines, key=lambda item: item.name):
+        spec, problems = parse_pipeline(pipeline)
+        result.pipeline_problems[pipeline.name] = problems
+        result.pipeline_meters[pipeline.name] = []
+        if spec is None:
+            continue
+        collector_name = spec.collector_ref
+        if collector_name not in live_collectors:
+            problems.append(
+                Problem(
+                    "CollectorNotFound",
+                    f'Pipeline "{pipeline.name}": spec.collectorRef names Collector "{collector_name}", '
+                    f'which does not exist in namespace "{pipeline.namespace}"; create it or fix '
+                    "spec.collectorRef",
+                )
+            )
+        names = bound_meter_names(spec, meters)
+        result.pipeline_meters[pipeline.name] = names
+        for name in names:
+            if name not in meters_by_name:
+                problems.append(
+                    Problem(
+                        "MeterNotFound",
+                        f'Pipeline "{pipeline.name}": spec.meters names Meter "{name}", which does not '
+                        f'exist in namespace "{pipeline.namespace}"; create it or remove it from spec.meters',
+                    )
+                )
+        if collector_name not in result.collector_specs:
+            continue  # missing or invalid Collector: reported above or on the Collector
+        pipeline_broken = any(problem.reason == "InvalidExpression" for problem in problems)
+        for name in names:
+            bound = meters_by_name.get(name)
+            if bound is None:
+                continue
+            first = bound_by.get((collector_name, name))
+            if first is not None:
+                problems.append(
+                    Problem(
+                        "MeterBoundTwice",
+                        f'Pipeline "{pipeline.name}": Meter "{name}" is already bound to Collector '
+                        f'"{collector_name}" by Pipeline "{first}"; bind each Meter once per Collector',
+                    )
+                )
+                continue
+            bound_by[(collector_name, name)] = pipeline.name
+            if collector_name not in result.meter_collectors[name]:
+                result.meter_collectors[name].append(collector_name)
+            meter_spec = meter_specs.get(name)
+            # A broken Meter or Pipeline is left out rather than run half-configured.
+            if pipeline_broken or meter_spec is None or result.meter_problems[name]:
+                continue
+            credentials_dir = None
+            if meter_spec.source.runai is not None:
+                secret_name = meter_spec.source.runai.credentials_secret_ref.name
+                credentials_dir = secret_dir(secret_name)
+                result.collector_secret_names[collector_name].append(secret_name)
+            result.collector_meters[collector_name].append(
+                ResolvedMeter(
+                    name=name,
+                    namespace=bound.namespace,
+                    uid=bound.uid,
+                    pipeline=pipeline.name,
+                    spec=meter_spec,
+                    processors=list(spec.processors),
+                    credentials_dir=credentials_dir,
+                )
+            )
+
+    for collector_name, problems in result.collector_problems.items():
+        problems.extend(_excluded(collector_name, result, pipelines))
+    for names in result.meter_collectors.values():
+        names.sort()
+    return result
+
+
+def _excluded(
+    collector_name: str, result: NamespaceResolution, pipelines: Sequence[ObjectView]
+) -> list[Problem]:
+    """One Collector-level problem summarising broken Pipelines and Meters bound to it."""
+    broken: list[str] = []
+    for pipeline in sorted(pipelines, key=lambda item: item.name):
+        if pipeline.spec.get("collectorRef") != collector_name:
+            continue
+        if result.pipeline_problems.get(pipeline.name):
+            broken.append(f'Pipeline "{pipeline.name}"')
+        for meter_name in result.pipeline_meters.get(pipeline.name, []):
+            if result.meter_problems.get(meter_name):
+                broken.append(f'Meter "{meter_name}"')
+    if not broken:
+        return []
+    unique = list(dict.fromkeys(broken))
+    return [
+        Problem(
+            "InvalidBinding",
+            f"{', '.join(unique)} cannot run; see their status conditions. The other Meters run normally",
+        )
+    ]

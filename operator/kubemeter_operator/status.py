@@ -1,0 +1,219 @@
+"""Status per Kubernetes API conventions, computed (pure) from what the operator concluded.
+
+Conditions keep their ``lastTransitionTime`` while their status stays the same, so an unchanged
+situation yields an identical status and no write."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from kubemeter.config import GatewayStatusReport
+
+from kubemeter_operator.resolve import Problem
+from kubemeter_operator.resources import ConditionStatus
+
+READY = "Ready"
+DEGRADED = "Degraded"
+MAX_MESSAGE_CHARS = 2000
+
+
+@dataclass(frozen=True)
+class ConditionValue:
+    status: ConditionStatus
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class EventNote:
+    """An Event to post: ``type`` is Normal or Warning."""
+
+    type: str
+    reason: str
+    message: str
+
+
+def format_time(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def merge_conditions(
+    previous: Sequence[Mapping[str, Any]],
+    values: Mapping[str, ConditionValue],
+    generation: int,
+    now: datetime,
+) -> list[dict[str, Any]]:
+    old = {condition.get("type"): condition for condition in previous}
+    merged: list[dict[str, Any]] = []
+    for condition_type, value in values.items():
+        before = old.get(condition_type) or {}
+        changed = before.get("status") != value.status.value
+        merged.append(
+            {
+                "type": condition_type,
+                "status": value.status.value,
+                "reason": value.reason,
+                "message": value.message[:MAX_MESSAGE_CHARS],
+                "lastTransitionTime": format_time(now) if changed else before.get("lastTransitionTime"),
+                "observedGeneration": generation,
+            }
+        )
+    return merged
+
+
+def degraded_value(problems: Sequence[Problem]) -> ConditionValue:
+    if not problems:
+        return ConditionValue(ConditionStatus.FALSE, "AsExpected", "")
+    return ConditionValue(ConditionStatus.TRUE, problems[0].reason, "; ".join(p.message for p in problems))
+
+
+def condition(status: Mapping[str, Any], condition_type: str) -> Mapping[str, Any]:
+    for item in status.get("conditions") or []:
+        if item.get("type") == condition_type:
+            return dict(item)
+    return {}
+
+
+def transition_events(old_status: Mapping[str, Any], new_status: Mapping[str, Any]) -> list[EventNote]:
+    """A Warning when a problem appears or changes, a Normal when it clears; nothing otherwise."""
+    before, after = condition(old_status, DEGRADED), condition(new_status, DEGRADED)
+    if after.get("status") == "True" and (
+        before.get("status") != "True" or before.get("message") != after.get("message")
+    ):
+        return [EventNote("Warning", str(after.get("reason")), str(after.get("message")))]
+    if before.get("status") == "True" and after.get("status") != "True":
+        return [EventNote("Normal", "Recovered", "the problems reported earlier are fixed")]
+    return []
+
+
+def collector_ready(
+    problems: Sequence[Problem], replicas: int, agents: Mapping[str, int], gateway: Mapping[str, int]
+) -> ConditionValue:
+    blocking = [p for p in problems if p.reason != "InvalidBinding"]  # other Meters still run
+    if blocking:
+        return ConditionValue(ConditionStatus.FALSE, blocking[0].reason, blocking[0].message)
+    if agents.get("desired", 0) == 0:
+        return ConditionValue(
+            ConditionStatus.FALSE,
+            "NoMatchingNodes",
+            "no node runs an agent yet; check spec.nodeSelector and spec.tolerations against node labels "
+            "and taints",
+        )
+    if agents.get("ready", 0) < agents.get("desired", 0):
+        return ConditionValue(
+            ConditionStatus.FALSE,
+            "AgentsNotReady",
+            f"{agents.get('ready', 0)} of {agents['desired']} agents ready",
+        )
+    if gateway.get("ready", 0) < replicas:
+        return ConditionValue(
+            ConditionStatus.FALSE,
+            "GatewayNotReady",
+            f"{gateway.get('ready', 0)} of {replicas} gateways ready",
+        )
+    return ConditionValue(
+        ConditionStatus.TRUE, "Ready", f"{agents['ready']} agents and {replicas} gateways ready"
+    )
+
+
+def collector_status(
+    previous: Mapping[str, Any],
+    generation: int,
+    problems: Sequence[Problem],
+    replicas: int,
+    meter_count: int,
+    agents: Mapping[str, int],
+    gateway: Mapping[str, int],
+    reports: Sequence[GatewayStatusReport] | None,
+    now: datetime,
+) -> dict[str, Any]:
+    """``reports``: the gateways' /status bodies, or None when none answered (keep what is known)."""
+    values = {
+        READY: collector_ready(problems, replicas, agents, gateway),
+        DEGRADED: degraded_value(problems),
+    }
+    status: dict[str, Any] = {
+        "observedGeneration": generation,
+        "conditions": merge_conditions(previous.get("conditions") or [], values, generation, now),
+        "agents": {"desired": agents.get("desired", 0), "ready": agents.get("ready", 0)},
+        "gateway": {"desired": replicas, "ready": gateway.get("ready", 0)},
+        "meters": meter_count,
+    }
+    if reports:
+        status["buffer"] = {
+            "events": sum(report.buffered_events for report in reports),
+            "bytes": sum(report.buffered_bytes for report in reports),
+            "oldestEventAgeSeconds": max(report.oldest_event_age_seconds for report in reports),
+        }
+        status["deliveredEvents"] = sum(report.delivered_events for report in reports)
+        status["deadLetteredEvents"] = sum(report.dead_lettered_events for report in reports)
+        errors = [report.paused_reason or report.last_delivery_error for report in reports]
+        status["lastDeliveryError"] = next((error for error in errors if error), None)
+    else:
+        for key in ("buffer", "deliveredEvents", "deadLetteredEvents", "lastDeliveryError"):
+            if previous.get(key) is not None:
+                status[key] = previous[key]
+    return status
+
+
+def meter_status(
+    previous: Mapping[str, Any],
+    generation: int,
+    problems: Sequence[Problem],
+    source: str | None,
+    collectors: Sequence[str],
+    now: datetime,
+) -> dict[str, Any]:
+    if problems:
+        ready = ConditionValue(ConditionStatus.FALSE, problems[0].reason, problems[0].message)
+    elif collectors:
+        ready = ConditionValue(ConditionStatus.TRUE, "Bound", f"run by Collector {', '.join(collectors)}")
+    else:
+        ready = ConditionValue(
+            ConditionStatus.FALSE,
+            "NotBound",
+            "no Pipeline binds this Meter; list it in a Pipeline's spec.meters or match its meterSelector",
+        )
+    values = {READY: ready, DEGRADED: degraded_value(problems)}
+    status: dict[str, Any] = {
+        "observedGeneration": generation,
+        "conditions": merge_conditions(previous.get("conditions") or [], values, generation, now),
+        "collectors": list(collectors),
+    }
+    if source:
+        status["source"] = source
+    return status
+
+
+def pipeline_status(
+    previous: Mapping[str, Any],
+    generation: int,
+    problems: Sequence[Problem],
+    collector: str,
+    meters: Sequence[str],
+    now: datetime,
+) -> dict[str, Any]:
+    if problems:
+        ready = ConditionValue(ConditionStatus.FALSE, problems[0].reason, problems[0].message)
+    else:
+        ready = ConditionValue(
+            ConditionStatus.TRUE, "Bound", f"binds {len(meters)} Meter(s) to Collector {collector}"
+        )
+    values = {READY: ready, DEGRADED: degraded_value(problems)}
+    return {
+        "observedGeneration": generation,
+        "conditions": merge_conditions(previous.get("conditions") or [], values, generation, now),
+        "meters": list(meters),
+        "meterCount": len(meters),
+    }
+
+
+def status_changed(current: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:
+    """True when writing ``desired`` would change what is stored (keys we do not own are ignored)."""
+    return any(current.get(key) != value for key, value in desired.items()) or any(
+        key not in desired and current.get(key) is not None
+        for key in ("buffer", "deliveredEvents", "deadLetteredEvents", "lastDeliveryError", "source")
+    )
