@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
-from kubemeter.sources.podresources import api_pb2, api_pb2_grpc
+from kubemeter.sources.podresources.generated import api_pb2, api_pb2_grpc
 
 DEFAULT_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"
 
@@ -26,7 +27,7 @@ class DeviceAssignment:
     device_id: str
 
 
-def _assignments(pod: api_pb2.PodResources) -> list[DeviceAssignment]:
+def _assignments(pod: Any) -> list[DeviceAssignment]:
     return [
         DeviceAssignment(pod.namespace, pod.name, container.name, devices.resource_name, device_id)
         for container in pod.containers

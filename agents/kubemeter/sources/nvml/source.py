@@ -1,0 +1,379 @@
+"""NVML meters: GPU busy-seconds, GPU memory byte-seconds and energy joules per pod and device.
+
+Each pass reads PodResources (who holds which device) and then NVML (what each device did), and
+attributes every step between two readings to the holders of the device during that step:
+
+- an **exclusively held** GPU or MIG instance gives its holder the whole device value (exact);
+- a **shared** GPU (time-slicing or MPS replicas) is split by the per-process SM-utilization samples
+  of each holder's processes (busy time, energy) or by each holder's own process memory (memory) —
+  an approximation, and the event says so (``attribution``);
+- a **MIG** instance has no NVML utilization (its readings are flagged incomplete) and shares its
+  parent's energy counter, split over the parent's instances by their memory size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, Literal
+
+from kubemeter.metering.counters import CounterSample, counter_delta, spread
+from kubemeter.metering.gauges import GaugeSample, integrate_gauge
+from kubemeter.metering.windows import Window
+from kubemeter.sources.base import PodRecord, Reading
+from kubemeter.sources.informer import Backoff, now_ms
+from kubemeter.sources.nvml.edge import DeviceReading, NvmlEdge, NvmlSnapshot, NvmlUnavailableError
+from kubemeter.sources.podresources import DeviceOwnership, PodResourcesClient, PodResourcesUnavailableError
+from kubemeter.sources.podresources.ownership import Holder, PodUidResolver
+
+log = logging.getLogger(__name__)
+
+NvmlMetric = Literal["utilization", "memoryUsed", "energy"]
+Attribution = Literal["exclusive", "process-share", "mig-slice-share"]
+
+# Accumulated integers → the meter's unit: percent·ms → GPU-seconds, byte·ms → byte-seconds, mJ → J.
+_SCALE = {"utilization": -5, "memoryUsed": -3, "energy": -3}
+UNITS = {"utilization": "GPU-seconds", "memoryUsed": "byte-seconds", "energy": "joules"}
+
+
+@dataclass(frozen=True)
+class NvmlReading(Reading):
+    """A reading that says how it was attributed: ``exclusive`` is exact, the others are shares."""
+
+    attribution: Attribution = "exclusive"
+
+
+@dataclass
+class DeviceState:
+    """The previous reading of one device, the left end of the next step."""
+
+    time_ms: int
+    gauge: int | None  # utilization percent or memory bytes
+    energy_mj: int | None
+    process_memory_bytes: dict[str, int] = field(default_factory=dict)  # pod uid → bytes
+
+
+@dataclass
+class Usage:
+    """One (pod, device) pair's amounts per window, in the accumulation unit."""
+
+    attribution: Attribution
+    by_window: dict[int, int] = field(default_factory=dict)
+    gaps: dict[int, str] = field(default_factory=dict)
+
+
+def resolver_from_pods(pods: Callable[[], Mapping[str, PodRecord]]) -> PodUidResolver:
+    """(namespace, name) → uid from the agent's pod cache, preferring the live pod of that name."""
+
+    def resolve(namespace: str, name: str) -> str | None:
+        found: str | None = None
+        for uid, record in pods().items():
+            metadata = record.object.get("metadata") or {}
+            if metadata.get("namespace") == namespace and metadata.get("name") == name:
+                if record.deleted_at_ms is None:
+                    return uid
+                found = uid
+        return found
+
+    return resolve
+
+
+class NvmlSource:
+    def __init__(
+        self,
+        metric: NvmlMetric,
+        window_ms: int,
+        interval_ms: int,
+        not_before_ms: int,
+        edge: NvmlEdge,
+        pod_resources: PodResourcesClient,
+        resolve_uid: PodUidResolver,
+        clock_ms: Callable[[], int] = now_ms,
+        on_error: Callable[[str, BaseException], None] = lambda source, error: None,
+    ) -> None:
+        self.metric = metric
+        self.window_ms = window_ms
+        self.interval_ms = interval_ms
+        self.max_step_ms = interval_ms * 5 // 2
+        self.edge = edge
+        self.pod_resources = pod_resources
+        self.resolve_uid = resolve_uid
+        self.clock_ms = clock_ms
+        self.on_error = on_error
+        self.ownership = DeviceOwnership()
+        self.devices: dict[str, DeviceState] = {}
+        self.usage: dict[tuple[str, str], Usage] = {}  # (pod uid, device uuid) → usage
+        self.closed_through_ms = not_before_ms
+        self.observed_ms = 0
+        self.last_error: str | None = None
+        self._nvml_missing_logged = False
+
+    # ---- observing ------------------------------------------------------------------------------
+    async def run(self) -> None:
+        backoff = Backoff(initial_s=self.interval_ms / 2000, max_s=max(60.0, self.interval_ms / 1000))
+        while True:
+            try:
+                await self.poll()
+                backoff.reset()
+                await asyncio.sleep(self.interval_ms / 1000)
+            except asyncio.CancelledError:
+                raise
+            except (PodResourcesUnavailableError, NvmlUnavailableError):
+                await asyncio.sleep(backoff.next_delay_s())
+
+    async def poll(self) -> None:
+        """One pass: ownership, then NVML. Faults are recorded, not raised past :meth:`run`."""
+        at_ms = self.clock_ms()
+        try:
+            assignments = await self.pod_resources.list_assignments()
+        except PodResourcesUnavailableError as error:
+            self._fault("podresources", error)
+            raise
+        unresolved = self.ownership.observe(at_ms, assignments, self.resolve_uid)
+        if unresolved:
+            log.info("PodResources lists pods the pod watch does not know yet: %s", unresolved)
+        if not self.ownership.intervals() and not self.devices:
+            # No GPU is held on this node: nothing to read, so a node without a driver is fine.
+            self.last_error = None
+            self.observed_ms = max(self.observed_ms, at_ms)
+            return
+        try:
+            snapshot = await self.edge.snapshot()
+        except NvmlUnavailableError as error:
+            self._fault("nvml", error)
+            raise
+        self.last_error = None
+        self._nvml_missing_logged = False
+        self.ingest(snapshot)
+
+    def _fault(self, part: str, error: Exception) -> None:
+        self.last_error = f"{part} unavailable: {error}"
+        self.on_error(part, error)
+        if not self._nvml_missing_logged:
+            # Logged once per outage: a node without a driver must not flood the log every pass.
+            log.warning("%s; retrying with backoff", self.last_error)
+            self._nvml_missing_logged = True
+
+    def ingest(self, snapshot: NvmlSnapshot) -> None:
+        """Fold one NVML pass into the per-window amounts (pure apart from ``self``)."""
+        now = snapshot.read_at_ms
+        mig_memory: dict[str, int] = {}
+        for reading in snapshot.devices.values():
+            if reading.parent_uuid is not None:
+                mig_memory[reading.parent_uuid] = (
+                    mig_memory.get(reading.parent_uuid, 0) + reading.memory_total_bytes
+                )
+        for uuid, reading in sorted(snapshot.devices.items()):
+            previous = self.devices.get(uuid)
+            self.devices[uuid] = self._state(reading, now)
+            if previous is None or now <= previous.time_ms:
+                continue
+            self._attribute_step(uuid, reading, previous, now, mig_memory)
+        for uuid, reason in snapshot.device_errors.items():
+            for holder, _ in self.ownership.holders_during(uuid, self.observed_ms, now):
+                usage = self._usage(holder, uuid, "exclusive")
+                self._flag(usage, self._windows(self.observed_ms, now), reason)
+        self.observed_ms = max(self.observed_ms, now)
+
+    def _state(self, reading: DeviceReading, now: int) -> DeviceState:
+        gauge = reading.utilization_percent if self.metric == "utilization" else reading.memory_used_bytes
+        by_pod: dict[str, int] = {}
+        for process in reading.processes:
+            if process.pod_uid is not None and process.used_memory_bytes is not None:
+                by_pod[process.pod_uid] = by_pod.get(process.pod_uid, 0) + process.used_memory_bytes
+        return DeviceState(now, gauge, reading.energy_mj, by_pod)
+
+    def _attribute_step(
+        self,
+        uuid: str,
+        reading: DeviceReading,
+        previous: DeviceState,
+        now: int,
+        mig_memory: Mapping[str, int],
+    ) -> None:
+        step_ms = now - previous.time_ms
+        holders = self.ownership.holders_during(uuid, previous.time_ms, now)
+        if not holders:
+            return  # an idle, unallocated device is nobody's usage
+        shared = any(h.shared for h, _ in holders) or sum(ms for _, ms in holders) > step_ms
+        mig = reading.parent_uuid is not None
+        attribution: Attribution = "process-share" if shared else "exclusive"
+        windows = self._windows(previous.time_ms, now)
+
+        # Weights for a shared device: SM-utilization samples of each pod's processes in this step.
+        weights: dict[str, int] = {}
+        for sample in reading.process_samples or ():
+            key = sample.pod_uid or ""
+            weights[key] = weights.get(key, 0) + sample.sm_util_percent
+        total_weight = sum(weights.values())
+
+        for holder, held_ms in holders:
+            kind: Attribution = "mig-slice-share" if mig and self.metric == "energy" else attribution
+            usage = self._usage(holder, uuid, kind)
+            if self.metric == "energy":
+                amounts, reason = self._energy_step(reading, previous, now, mig_memory)
+            else:
+                gauge = previous.gauge
+                if self.metric == "memoryUsed" and shared:
+                    gauge = previous.process_memory_bytes.get(holder.pod_uid, 0)
+                if gauge is None:
+                    self._flag(usage, windows, f"NVML reports no {self.metric} for {uuid} (MIG instance)")
+                    continue
+                step = integrate_gauge(
+                    GaugeSample(previous.time_ms, gauge), now, self.max_step_ms, self.window_ms
+                )
+                amounts, reason = step.value_ms_by_window, None
+                if step.gap_ms_by_window:
+                    self._flag(
+                        usage,
+                        list(step.gap_ms_by_window),
+                        f"no NVML reading of {uuid} from {previous.time_ms} to {now} ms",
+                    )
+            numerator, denominator = held_ms, step_ms
+            if shared and self.metric != "memoryUsed":
+                if total_weight:
+                    numerator *= weights.get(holder.pod_uid, 0)
+                    denominator *= total_weight
+                elif self.metric == "utilization" and any(amounts.values()):
+                    self._flag(usage, windows, f"{uuid} was busy but NVML gave no per-process samples")
+                    continue
+                else:
+                    # No process was busy: idle energy is shared by the holders in proportion to time.
+                    denominator = sum(ms for _, ms in holders)
+            for window_start_ms, amount in amounts.items():
+                self._add(usage, window_start_ms, amount * numerator // denominator)
+            if reason:
+                self._flag(usage, windows, reason)
+
+    def _energy_step(
+        self, reading: DeviceReading, previous: DeviceState, now: int, mig_memory: Mapping[str, int]
+    ) -> tuple[dict[int, int], str | None]:
+        if reading.energy_mj is None or previous.energy_mj is None:
+            return {}, f"NVML has no energy counter for {reading.uuid} (needs Volta or newer)"
+        delta = counter_delta(
+            CounterSample(previous.time_ms, previous.energy_mj), CounterSample(now, reading.energy_mj)
+        )
+        amount = delta.amount
+        if reading.parent_uuid is not None:
+            # MIG instances share the parent's counter; each gets the share of its memory slice.
+            amount = amount * reading.memory_total_bytes // max(1, mig_memory[reading.parent_uuid])
+        shares = spread(amount, delta.from_ms, delta.to_ms, self.window_ms)
+        reason = None
+        if delta.reset:
+            reason = (
+                f"the energy counter of {reading.uuid} went back from {previous.energy_mj} to "
+                f"{reading.energy_mj} mJ (driver reload); energy before the reload was not observed"
+            )
+        if now - previous.time_ms > self.max_step_ms:
+            reason = f"no NVML reading of {reading.uuid} from {previous.time_ms} to {now} ms"
+        return shares, reason
+
+    def _usage(self, holder: Holder, device: str, attribution: Attribution) -> Usage:
+        key = (holder.pod_uid, device)
+        usage = self.usage.get(key)
+        if usage is None:
+            usage = self.usage[key] = Usage(attribution)
+        elif attribution != "exclusive":
+            usage.attribution = attribution
+        return usage
+
+    def _windows(self, from_ms: int, to_ms: int) -> list[int]:
+        first = from_ms - from_ms % self.window_ms
+        return list(range(first, max(to_ms, from_ms + 1), self.window_ms))
+
+    def _add(self, usage: Usage, window_start_ms: int, amount: int) -> None:
+        if window_start_ms >= self.closed_through_ms:
+            usage.by_window[window_start_ms] = usage.by_window.get(window_start_ms, 0) + amount
+
+    def _flag(self, usage: Usage, window_starts: list[int], reason: str) -> None:
+        for window_start_ms in window_starts:
+            if window_start_ms >= self.closed_through_ms:
+                usage.gaps.setdefault(window_start_ms, reason)
+
+    # ---- the Source interface ---------------------------------------------------------------------
+    def observed_through_ms(self) -> int:
+        return self.observed_ms
+
+    def fault(self) -> str | None:
+        return self.last_error
+
+    def readings(self, window: Window, pods: Mapping[str, PodRecord]) -> list[Reading]:
+        readings: list[Reading] = []
+        late = window.end_ms > self.observed_ms
+        keys = set(self.usage)
+        if late:
+            # Holders we could not read at all during an outage still get a (flagged) reading.
+            for interval in self.ownership.intervals():
+                if interval.overlap_ms(window.start_ms, window.end_ms) > 0:
+                    keys.add((interval.holder.pod_uid, interval.device))
+        for uid, device in sorted(keys):
+            usage = self.usage.get((uid, device)) or Usage("exclusive")
+            amount = usage.by_window.get(window.start_ms)
+            reason = usage.gaps.get(window.start_ms)
+            if late and reason is None and self._holds(uid, device, window.end_ms):
+                reason = f"NVML not read since {self.observed_ms} ms ({self.last_error})"
+            if amount is None and reason is None:
+                continue
+            readings.append(
+                NvmlReading(
+                    uid,
+                    Decimal(amount or 0).scaleb(_SCALE[self.metric]),
+                    part=device,
+                    complete=reason is None,
+                    incomplete_reason=reason,
+                    attribution=usage.attribution,
+                )
+            )
+        return readings
+
+    def _holds(self, uid: str, device: str, moment_ms: int) -> bool:
+        return any(
+            i.holder.pod_uid == uid and (i.end_ms is None or i.end_ms >= moment_ms)
+            for i in self.ownership.intervals(device)
+        )
+
+    def committed(self, window: Window) -> None:
+        self.closed_through_ms = max(self.closed_through_ms, window.end_ms)
+        for key in list(self.usage):
+            usage = self.usage[key]
+            usage.by_window = {k: v for k, v in usage.by_window.items() if k >= window.end_ms}
+            usage.gaps = {k: v for k, v in usage.gaps.items() if k >= window.end_ms}
+            if not usage.by_window and not usage.gaps:
+                del self.usage[key]
+        # Keep ownership that may still overlap a step not yet read.
+        self.ownership.forget_before(min(window.end_ms, self.observed_ms) - self.max_step_ms)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "closed_through_ms": self.closed_through_ms,
+            "observed_ms": self.observed_ms,
+            "devices": {
+                uuid: [s.time_ms, s.gauge, s.energy_mj, s.process_memory_bytes]
+                for uuid, s in self.devices.items()
+            },
+            "usage": [
+                [uid, device, u.attribution, {str(k): v for k, v in u.by_window.items()}, u.gaps]
+                for (uid, device), u in self.usage.items()
+            ],
+        }
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        if not state:
+            return
+        self.closed_through_ms = max(self.closed_through_ms, int(state["closed_through_ms"]))
+        self.observed_ms = int(state["observed_ms"])
+        self.devices = {
+            uuid: DeviceState(time_ms, gauge, energy, dict(memory))
+            for uuid, (time_ms, gauge, energy, memory) in state["devices"].items()
+        }
+        self.usage = {
+            (uid, device): Usage(
+                attribution,
+                {int(k): v for k, v in by_window.items()},
+                {int(k): v for k, v in gaps.items()},
+            )
+            for uid, device, attribution, by_window, gaps in state["usage"]
+        }
