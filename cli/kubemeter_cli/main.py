@@ -13,6 +13,17 @@ from collections.abc import Sequence
 # role -> (module, callable taking argv, one-line help)
 ROLES: dict[str, tuple[str, str, str]] = {
     "agent": ("kubemeter.agent", "run", "meter the pods of one node into usage events (DaemonSet)"),
+    "gateway": (
+        "kubemeter.gateway.main",
+        "main",
+        "buffer events on the volume and deliver them (StatefulSet)",
+    ),
+    "sink": (
+        "kubemeter.sink.main",
+        "main",
+        "a local billing API: OpenMeter/Flexprice/Lago ingest, usage queries",
+    ),
+    "dlq": ("kubemeter.output.dead_letters", "main", "list, replay or purge events the billing API refused"),
 }
 
 

@@ -1,0 +1,164 @@
+"""The gateway's HTTP surface: ingest, /metrics, /healthz, /readyz, /status.
+
+An ingest request is answered only after its events are committed to disk (204), or refused as a
+whole: 400 malformed, 401 unauthenticated, 503 with ``Retry-After`` when the buffer is full.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from kubemeter.config import GatewayStatusReport
+from kubemeter.output.credentials import SecretFile
+from kubemeter.output.delivery import DeliveryCore
+from kubemeter.output.ingest import IngestError, parse_cloudevents, to_record
+from kubemeter.output.queue import DurableQueue, QueueFullError
+
+INGEST_PATH = "/api/v1/events"
+MAX_REQUEST_BYTES = 32 * 2**20
+PROBLEM_JSON = "application/problem+json"
+
+
+def problem(status: int, title: str, detail: str, headers: dict[str, str] | None = None) -> web.Response:
+    """An RFC 9457 problem document, the error shape OpenMeter clients expect."""
+    body = {"type": "about:blank", "title": title, "status": status, "detail": detail}
+    return web.Response(status=status, body=json.dumps(body), content_type=PROBLEM_JSON, headers=headers)
+
+
+class _QueueGauges(Collector):
+    """Buffer gauges read at scrape time, so they are never stale."""
+
+    def __init__(self, queue: DurableQueue) -> None:
+        self._queue = queue
+
+    def collect(self) -> Any:
+        stats = self._queue.stats()
+        yield GaugeMetricFamily(
+            "kubemeter_buffer_events", "Events on disk not yet delivered", value=stats.events
+        )
+        yield GaugeMetricFamily(
+            "kubemeter_buffer_bytes", "Payload bytes of the events on disk", value=stats.payload_bytes
+        )
+        yield GaugeMetricFamily(
+            "kubemeter_buffer_oldest_age_seconds",
+            "Age of the oldest buffered event",
+            value=stats.oldest_age_s,
+        )
+        yield GaugeMetricFamily(
+            "kubemeter_buffer_dead_letters", "Events in the dead-letter table", value=stats.dead_letters
+        )
+        yield GaugeMetricFamily(
+            "kubemeter_buffer_dropped_events",
+            "Events dropped by the DropOldest policy since start",
+            value=stats.dropped_events_total,
+        )
+
+
+class GatewayApp:
+    """Wires ingest to the queue; ``delivery`` is optional so ingest can be measured on its own."""
+
+    def __init__(
+        self,
+        queue: DurableQueue,
+        *,
+        delivery: DeliveryCore | None,
+        ingest_token: SecretFile | None,
+        registry: CollectorRegistry,
+    ) -> None:
+        self.queue = queue
+        self.delivery = delivery
+        self.ingest_token = ingest_token
+        self.registry = registry
+        registry.register(_QueueGauges(queue))
+        self.ingested = Counter(
+            "kubemeter_ingest_events", "Events accepted by ingest (committed to disk)", registry=registry
+        )
+        self.refused = Counter(
+            "kubemeter_ingest_refused_requests", "Ingest requests refused", ["reason"], registry=registry
+        )
+        self.ack_seconds = Histogram(
+            "kubemeter_ingest_ack_seconds",
+            "From request received to acknowledgement (includes the fsync'd commit)",
+            registry=registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        )
+
+    def build(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_REQUEST_BYTES)
+        app.router.add_post(INGEST_PATH, self.ingest)
+        app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/status", self.status)
+        return app
+
+    def _authorized(self, request: web.Request) -> str | None:
+        """None when the request may ingest, else why not."""
+        if self.ingest_token is None:
+            return None
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return "send the gateway token as 'Authorization: Bearer <token>'"
+        if not self.ingest_token.accepts(token.strip()):
+            return "the bearer token is not accepted; use the token from the gateway's ingest Secret"
+        return None
+
+    async def ingest(self, request: web.Request) -> web.Response:
+        started_s = time.perf_counter()
+        refusal = self._authorized(request)
+        if refusal:
+            self.refused.labels("unauthorized").inc()
+            return problem(401, "Unauthorized", refusal, {"WWW-Authenticate": 'Bearer realm="kubemeter"'})
+        try:
+            events = parse_cloudevents(request.content_type, await request.read())
+        except IngestError as error:
+            self.refused.labels("malformed").inc()
+            return problem(400, "Bad Request", str(error))
+        except web.HTTPRequestEntityTooLarge:
+            self.refused.labels("too_large").inc()
+            return problem(413, "Payload Too Large", f"send at most {MAX_REQUEST_BYTES} bytes per request")
+        try:
+            await self.queue.enqueue([to_record(event) for event in events])
+        except QueueFullError as error:
+            self.refused.labels("full").inc()
+            retry_after_s = str(max(1, math.ceil(error.retry_after_s)))
+            return problem(503, "Service Unavailable", error.reason, {"Retry-After": retry_after_s})
+        self.ingested.inc(len(events))
+        self.ack_seconds.observe(time.perf_counter() - started_s)
+        return web.Response(status=204)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.registry), content_type="text/plain", charset="utf-8")
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        if not self.queue.accepting:
+            return web.Response(status=503, text="the queue is closed")
+        return web.Response(text="ready")
+
+    def status_report(self) -> GatewayStatusReport:
+        stats = self.queue.stats()
+        delivery = self.delivery.status if self.delivery is not None else None
+        return GatewayStatusReport(
+            buffered_events=stats.events,
+            buffered_bytes=stats.payload_bytes,
+            oldest_event_age_seconds=stats.oldest_age_s,
+            delivered_events=delivery.delivered_events_total if delivery else 0,
+            dead_lettered_events=stats.dead_letters,
+            last_delivery_error=delivery.last_error if delivery else None,
+            paused_reason=delivery.paused_reason if delivery else None,
+        )
+
+    async def status(self, request: web.Request) -> web.Response:
+        return web.json_response(self.status_report().to_wire())

@@ -1,0 +1,134 @@
+"""``kubemeter gateway --config gateway.yaml``: the StatefulSet process on the PersistentVolume."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from collections.abc import Sequence
+from pathlib import Path
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from kubemeter.config import BufferFullPolicy, GatewayConfig, OutputSpec, OutputType
+from kubemeter.gateway.app import GatewayApp
+from kubemeter.output.credentials import SecretFile
+from kubemeter.output.delivery import DeliveryCore, DeliveryPolicy, Sink
+from kubemeter.output.queue import DurableQueue, QueueLimits, WhenFull
+from kubemeter.output.sinks import CloudEventsSink, FlexpriceSink, LagoSink, OpenMeterSink
+from kubemeter.output.sinks.lago import DEFAULT_MAX_BATCH_EVENTS as LAGO_DEFAULT_MAX_BATCH_EVENTS
+
+log = logging.getLogger("kubemeter.gateway")
+
+QUEUE_FILE = "queue.db"
+
+
+def sink_for(output: OutputSpec) -> Sink:
+    """The encoder/classifier for ``output.type``."""
+    url = output.url
+    if output.type is OutputType.OPENMETER:
+        return OpenMeterSink(url, max_batch_events=output.batch.max_events)
+    if output.type is OutputType.FLEXPRICE:
+        return FlexpriceSink(url, max_batch_events=min(output.batch.max_events, 1000))
+    if output.type is OutputType.LAGO:
+        # Lago's server cap is 100 unless raised; only an explicit batch.maxEvents goes beyond it.
+        explicit = "max_events" in output.batch.model_fields_set
+        return LagoSink(
+            url, max_batch_events=output.batch.max_events if explicit else LAGO_DEFAULT_MAX_BATCH_EVENTS
+        )
+    return CloudEventsSink(
+        url, mode="batch", headers=output.headers, max_batch_events=output.batch.max_events
+    )
+
+
+def policy_for(output: OutputSpec) -> DeliveryPolicy:
+    return DeliveryPolicy(
+        max_batch_events=output.batch.max_events,
+        max_batch_delay_s=output.batch.max_delay_seconds,
+        initial_backoff_s=output.retry.initial_backoff_seconds,
+        max_backoff_s=output.retry.max_backoff_seconds,
+        requests_per_second=output.rate_limit.requests_per_second,
+        request_timeout_s=output.timeout_seconds,
+    )
+
+
+def limits_for(config: GatewayConfig) -> QueueLimits:
+    return QueueLimits(
+        max_bytes=config.buffer_max_bytes,
+        max_age_s=config.buffer.retention_hours * 3600.0,
+        when_full=WhenFull.DROP_OLDEST
+        if config.buffer.when_full is BufferFullPolicy.DROP_OLDEST
+        else WhenFull.BLOCK,
+    )
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"listenAddress {address!r} must be host:port, e.g. 0.0.0.0:8480")
+    return host.strip("[]"), int(port)
+
+
+async def serve(config: GatewayConfig, *, ingest_token_file: Path | None) -> None:
+    host, port = split_address(config.listen_address)
+    queue = await DurableQueue.open(Path(config.data_dir) / QUEUE_FILE, limits_for(config))
+    registry = CollectorRegistry()
+    credentials = SecretFile(Path(config.credentials_file)) if config.credentials_file else None
+    delivery = DeliveryCore(
+        queue,
+        sink_for(config.output),
+        policy=policy_for(config.output),
+        credentials=credentials,
+        registry=registry,
+    )
+    token = SecretFile(ingest_token_file) if ingest_token_file else None
+    if token is None:
+        log.warning("no ingest token file given: anyone who reaches the gateway can send events")
+    gateway = GatewayApp(queue, delivery=delivery, ingest_token=token, registry=registry)
+    runner = web.AppRunner(gateway.build(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    await site.start()
+    await delivery.start()
+    stats = queue.stats()
+    log.info(
+        "gateway listening on %s:%d; %d events (%d bytes) buffered; delivering to %s %s",
+        host,
+        port,
+        stats.events,
+        stats.payload_bytes,
+        config.output.type.value,
+        config.output.url,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log.info("stopping: no more ingest; undelivered events stay on the volume")
+        await site.stop()
+        await delivery.stop()
+        await runner.cleanup()
+        await queue.close()
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="kubemeter gateway", description=__doc__)
+    parser.add_argument("--config", type=Path, required=True, help="gateway.yaml rendered by the operator")
+    parser.add_argument(
+        "--ingest-token-file",
+        type=Path,
+        help="bearer token(s) agents and applications must send, one per line; re-read on change",
+    )
+    args = parser.parse_args(list(argv))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = GatewayConfig.from_yaml(args.config.read_text())
+    except (OSError, ValueError) as error:
+        parser.error(f"cannot read {args.config}: {error}")
+    asyncio.run(serve(config, ingest_token_file=args.ingest_token_file))
+    return 0

@@ -1,0 +1,205 @@
+"""One SQLite connection owned by one thread, with group commit.
+
+sqlite3 blocks, so it is wrapped once here: coroutines submit operations, the worker thread runs
+every operation that is waiting in ONE transaction and commits once, so a single fsync covers all
+concurrent writers. Each caller's future resolves only after that commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+Operation = Callable[[sqlite3.Connection], Any]
+
+# How long the worker waits for work before running its idle hook (age caps, gauges).
+_IDLE_TICK_S = 0.5
+
+
+@dataclass
+class _Job:
+    operation: Operation
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+    write: bool
+
+
+def open_connection(path: Path, *, synchronous: str = "FULL") -> sqlite3.Connection:
+    """A connection in WAL mode; autocommit off at the driver level (we issue BEGIN ourselves)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+    connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute(f"PRAGMA synchronous={synchronous}")
+    return connection
+
+
+def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+class SqliteWorker:
+    """Runs operations on one connection in one thread; write operations are group-committed.
+
+    ``idle`` (optional) runs inside the worker thread between groups and at least every half second,
+    outside any transaction; it gets the connection and opens its own transaction if it writes.
+    ``on_commit`` and ``on_rollback`` run in the worker thread after each transaction, so in-memory
+    bookkeeping done by operations is made final or undone together with the data.
+    """
+
+    def __init__(
+        self,
+        connection: sqlite3.Connection,
+        *,
+        name: str,
+        idle: Callable[[sqlite3.Connection], None] | None = None,
+        on_commit: Callable[[], None] | None = None,
+        on_rollback: Callable[[], None] | None = None,
+    ) -> None:
+        self._connection = connection
+        self._idle = idle
+        self._on_commit = on_commit or (lambda: None)
+        self._on_rollback = on_rollback or (lambda: None)
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._closed = False
+        self.commits_total = 0  # transactions committed; one fsync each with synchronous=FULL
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._closed
+
+    async def write(self, operation: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``operation`` inside a group transaction; returns after the commit."""
+        return await self._submit(operation, write=True)
+
+    async def read(self, operation: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``operation`` outside any transaction (a consistent WAL snapshot per statement)."""
+        return await self._submit(operation, write=False)
+
+    async def _submit(self, operation: Callable[[sqlite3.Connection], T], *, write: bool) -> T:
+        if self._closed:
+            raise RuntimeError("the SQLite worker is closed; open the queue again")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._jobs.put(_Job(operation, future, loop, write))
+        return await future
+
+    def close(self) -> None:
+        """Finish queued work, then stop the thread and close the connection."""
+        if self._closed:
+            return
+        self._closed = True
+        self._jobs.put(None)
+        self._thread.join()
+        self._connection.close()
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            try:
+                first = self._jobs.get(timeout=_IDLE_TICK_S)
+            except queue.Empty:
+                self._run_idle()
+                continue
+            group: list[_Job] = []
+            if first is None:
+                stopping = True
+            else:
+                group.append(first)
+            # Everything that queued up while we were fsyncing rides in this group.
+            while True:
+                try:
+                    job = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    stopping = True
+                    continue
+                group.append(job)
+            self._run_group(group)
+            self._run_idle()
+
+    def _run_group(self, group: list[_Job]) -> None:
+        for job in group:
+            if not job.write:
+                self._run_alone(job, transaction=False)
+        writes = [job for job in group if job.write]
+        if not writes:
+            return
+        if len(writes) == 1:
+            self._run_alone(writes[0], transaction=True)
+            return
+        results: list[Any] = []
+        try:
+            self._connection.execute("BEGIN IMMEDIATE")
+            for job in writes:
+                results.append(job.operation(self._connection))
+            self._connection.execute("COMMIT")
+            self.commits_total += 1
+        except BaseException:
+            # One operation failed (disk full, cap reached): undo the group and run each alone, so
+            # the error reaches only the caller that caused it.
+            self._rollback()
+            for job in writes:
+                self._run_alone(job, transaction=True)
+            return
+        self._on_commit()
+        for job, result in zip(writes, results, strict=True):
+            self._call_soon(job, result, None)
+
+    def _rollback(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self._connection.execute("ROLLBACK")
+        self._on_rollback()
+
+    def _run_alone(self, job: _Job, *, transaction: bool) -> None:
+        try:
+            if transaction:
+                self._connection.execute("BEGIN IMMEDIATE")
+            result = job.operation(self._connection)
+            if transaction:
+                self._connection.execute("COMMIT")
+                self.commits_total += 1
+        except BaseException as error:
+            if transaction:
+                self._rollback()
+            self._call_soon(job, None, error)
+            return
+        if transaction:
+            self._on_commit()
+        self._call_soon(job, result, None)
+
+    def _call_soon(self, job: _Job, result: Any, error: BaseException | None) -> None:
+        try:
+            job.loop.call_soon_threadsafe(_resolve, job.future, result, error)
+        except RuntimeError:
+            log.debug("event loop closed before a SQLite result was delivered")
+
+    def _run_idle(self) -> None:
+        if self._idle is None:
+            return
+        try:
+            self._idle(self._connection)
+        except sqlite3.Error as error:
+            with contextlib.suppress(sqlite3.Error):
+                if self._connection.in_transaction:
+                    self._connection.execute("ROLLBACK")
+            log.warning("SQLite maintenance failed: %s", error)

@@ -1,0 +1,447 @@
+"""The local billing API's HTTP surface: four ingest dialects, usage queries, fault injection.
+
+Each dialect answers as the real API does (status codes, error bodies, deduplication):
+
+- OpenMeter ``POST /api/v1/events``: CloudEvents, dedup on (source, id), 204.
+- Flexprice ``POST /v1/events/bulk`` and ``/v1/events``: ``x-api-key``, dedup on (event_id,
+  timestamp, customer), 202; a different timestamp is a different event, as in ClickHouse there.
+- Lago ``POST /api/v1/events/batch`` and ``/api/v1/events`` (``{"event": ...}``): dedup on
+  (subscription, transaction_id); a batch holding a stored id fails whole with 422
+  ``value_already_exist`` per index, as the Postgres event store does.
+- CloudEvents ``POST /cloudevents``: structured or batch mode, dedup on (source, id), 204.
+
+With spec validators loaded, a body that does not match the API's OpenAPI schema is refused with
+400 and counted in ``specViolations``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import deque
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+from kubemeter.events import format_rfc3339
+from kubemeter.output.credentials import SecretFile
+from kubemeter.output.ingest import BATCH, STRUCTURED, IngestError, cloudevent_problem, media_type
+from kubemeter.sink.specs import RequestValidator, SpecValidators
+from kubemeter.sink.store import BilledEvent, UsageStore
+
+FLEXPRICE_MAX_BULK_EVENTS = 1000
+_SEP = "\x1f"
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One injected answer to the next ingest request."""
+
+    status: int
+    retry_after_s: float | None = None
+
+
+class Refusal(Exception):
+    """An ingest request is refused with this response."""
+
+    def __init__(self, response: web.Response, *, spec_violation: bool = False) -> None:
+        super().__init__(response.status)
+        self.response = response
+        self.spec_violation = spec_violation
+
+
+def _number(value: Any) -> float | None:
+    """A usage value: numbers, or numeric strings (Flexprice and Lago send properties as text)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError("value must be a number, not a boolean")
+    if isinstance(value, (int | float, str)):
+        number = float(value)
+    else:
+        raise ValueError(f"value must be a number, got {type(value).__name__}")
+    if not math.isfinite(number):
+        raise ValueError(f"value must be finite, got {value!r}")
+    return number
+
+
+def _rfc3339_seconds(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def _split_value(fields: dict[str, Any]) -> tuple[float | None, dict[str, Any]]:
+    dimensions = {key: value for key, value in fields.items() if key != "value"}
+    return _number(fields.get("value")), dimensions
+
+
+class SinkApp:
+    def __init__(
+        self,
+        store: UsageStore,
+        *,
+        token: SecretFile | None = None,
+        validators: SpecValidators | None = None,
+        lago_max_batch_events: int = 100,
+    ) -> None:
+        self.store = store
+        self.token = token
+        self.validators = validators
+        self.lago_max_batch_events = lago_max_batch_events
+        self.faults: deque[Fault] = deque()
+
+    def build(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 2**20)
+        app.router.add_post("/api/v1/events", self.openmeter_or_lago_single)
+        app.router.add_post("/api/v1/events/batch", self.lago_batch)
+        app.router.add_post("/v1/events/bulk", self.flexprice_bulk)
+        app.router.add_post("/v1/events", self.flexprice_single)
+        app.router.add_post("/cloudevents", self.cloudevents)
+        app.router.add_get("/api/v1/usage", self.usage)
+        app.router.add_get("/api/v1/usage/events", self.events)
+        app.router.add_get("/_sink/stats", self.stats)
+        app.router.add_post("/_sink/faults", self.add_faults)
+        app.router.add_delete("/_sink/faults", self.clear_faults)
+        app.router.add_get("/healthz", self.healthz)
+        return app
+
+    # -- ingest ------------------------------------------------------------------------------
+
+    async def _ingest(self, request: web.Request, api: str, handler: Any) -> web.Response:
+        await self.store.bump(f"requests_{api}")
+        if self.faults:
+            fault = self.faults.popleft()
+            headers = {} if fault.retry_after_s is None else {"Retry-After": f"{fault.retry_after_s:g}"}
+            return web.json_response({"error": "injected fault"}, status=fault.status, headers=headers)
+        try:
+            self._check_auth(request, api)
+            try:
+                document = json.loads(await request.read())
+            except ValueError as error:
+                raise Refusal(self._error(api, 400, f"Invalid request payload: {error}")) from error
+            response: web.Response = await handler(request, document)
+            return response
+        except Refusal as refusal:
+            await self.store.bump(f"rejected_requests_{api}")
+            if refusal.spec_violation:
+                await self.store.bump("spec_violations")
+            return refusal.response
+
+    def _check_auth(self, request: web.Request, api: str) -> None:
+        if self.token is None:
+            return
+        if api == "flexprice":
+            presented = request.headers.get("x-api-key", "")
+        else:
+            scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+            presented = presented if scheme.lower() == "bearer" else ""
+        if not presented or not self.token.accepts(presented.strip()):
+            raise Refusal(self._error(api, 401, "Invalid API key" if api == "flexprice" else "Unauthorized"))
+
+    def _error(self, api: str, status: int, message: str, details: Any = None) -> web.Response:
+        if api == "flexprice":
+            if status == 401:
+                return web.json_response({"error": message}, status=401)
+            body: dict[str, Any] = {
+                "code": "validation_error",
+                "message": message,
+                "http_status_code": status,
+            }
+            if details is not None:
+                body["details"] = details
+            return web.json_response(body, status=status)
+        if api == "lago":
+            if status == 422:
+                return web.json_response(
+                    {
+                        "status": 422,
+                        "error": "Unprocessable Entity",
+                        "code": "validation_errors",
+                        "error_details": details or {},
+                    },
+                    status=422,
+                )
+            error = "Unauthorized" if status == 401 else f"BadRequest: {message}"
+            return web.json_response({"status": status, "error": error}, status=status)
+        title = "Unauthorized" if status == 401 else "Bad Request"
+        problem = {"type": "about:blank", "title": title, "status": status, "detail": message}
+        return web.Response(status=status, body=json.dumps(problem), content_type="application/problem+json")
+
+    def _validate(self, api: str, validator: RequestValidator | None, document: Any) -> None:
+        if validator is None:
+            return
+        problems = validator.problems(document)
+        if problems:
+            message = f"the body does not match the {api} API spec: {'; '.join(problems)}"
+            raise Refusal(self._error(api, 400, message), spec_violation=True)
+
+    # -- OpenMeter and CloudEvents -----------------------------------------------------------
+
+    async def openmeter_or_lago_single(self, request: web.Request) -> web.Response:
+        # Lago's single-event endpoint shares the path; its body is {"event": {...}}.
+        if media_type(request.content_type) == "application/json":
+            body = await request.read()
+            if body.lstrip().startswith(b"{") and b'"specversion"' not in body:
+                return await self._ingest(request, "lago", self._lago_single)
+        return await self._ingest(request, "openmeter", self._openmeter)
+
+    async def cloudevents(self, request: web.Request) -> web.Response:
+        return await self._ingest(request, "cloudevents", self._cloudevents)
+
+    async def _openmeter(self, request: web.Request, document: Any) -> web.Response:
+        if self.validators is not None:
+            single = isinstance(document, dict)
+            validator = self.validators.openmeter_event if single else self.validators.openmeter_batch
+            self._validate("openmeter", validator, document)
+        return await self._store_cloudevents("openmeter", request, document)
+
+    async def _cloudevents(self, request: web.Request, document: Any) -> web.Response:
+        kind = media_type(request.content_type)
+        if kind == BATCH and not isinstance(document, list):
+            raise Refusal(self._error("cloudevents", 400, f"{BATCH} carries a JSON array"))
+        if kind == STRUCTURED and not isinstance(document, dict):
+            raise Refusal(self._error("cloudevents", 400, f"{STRUCTURED} carries one JSON object"))
+        if self.validators is not None:
+            for event in document if isinstance(document, list) else [document]:
+                self._validate("cloudevents", self.validators.cloudevent, event)
+        return await self._store_cloudevents("cloudevents", request, document)
+
+    async def _store_cloudevents(self, api: str, request: web.Request, document: Any) -> web.Response:
+        events = document if isinstance(document, list) else [document]
+        billed = []
+        now = format_rfc3339(datetime.now(UTC))
+        for index, event in enumerate(events):
+            problem = cloudevent_problem(event)
+            try:
+                if problem:
+                    raise IngestError(problem)
+                value, dimensions = _split_value(event.get("data") or {})
+            except ValueError as error:
+                raise Refusal(
+                    self._error(api, 400, f"event {index} (id {event.get('id')!r}): {error}")
+                ) from error
+            moment = event.get("time") or now
+            billed.append(
+                BilledEvent(
+                    api=api,
+                    dedup_key=f"{event['source']}{_SEP}{event['id']}",
+                    event_id=event["id"],
+                    source=event["source"],
+                    subject=event["subject"],
+                    type=event["type"],
+                    time=moment,
+                    time_s=_rfc3339_seconds(moment),
+                    value=value,
+                    dimensions=dimensions,
+                )
+            )
+        await self.store.add(billed)
+        return web.Response(status=204)
+
+    # -- Flexprice ---------------------------------------------------------------------------
+
+    async def flexprice_bulk(self, request: web.Request) -> web.Response:
+        return await self._ingest(request, "flexprice", self._flexprice_bulk)
+
+    async def flexprice_single(self, request: web.Request) -> web.Response:
+        return await self._ingest(request, "flexprice", self._flexprice_single)
+
+    async def _flexprice_bulk(self, request: web.Request, document: Any) -> web.Response:
+        if self.validators is not None:
+            self._validate("flexprice", self.validators.flexprice_bulk, document)
+        events = document.get("events") if isinstance(document, dict) else None
+        if not isinstance(events, list) or not events:
+            raise Refusal(self._error("flexprice", 400, "Request validation failed"))
+        if len(events) > FLEXPRICE_MAX_BULK_EVENTS:
+            raise Refusal(self._error("flexprice", 400, "Maximum 1000 events per batch"))
+        await self.store.add([self._flexprice_event(index, event) for index, event in enumerate(events)])
+        return web.json_response({"message": "Events accepted for processing"}, status=202)
+
+    async def _flexprice_single(self, request: web.Request, document: Any) -> web.Response:
+        if self.validators is not None:
+            self._validate("flexprice", self.validators.flexprice_event, document)
+        event = self._flexprice_event(0, document)
+        await self.store.add([event])
+        return web.json_response(
+            {"message": "Event accepted for processing", "event_id": event.event_id}, status=202
+        )
+
+    def _flexprice_event(self, index: int, event: Any) -> BilledEvent:
+        try:
+            if not isinstance(event, dict):
+                raise ValueError("an event must be a JSON object")
+            name = str(event.get("event_name") or "").strip()
+            customer = event.get("external_customer_id")
+            if not name or not customer:
+                raise ValueError("event_name and external_customer_id are required")
+            stamp = event.get("timestamp") or format_rfc3339(datetime.now(UTC))
+            moment = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+            if moment.tzinfo is None:
+                raise ValueError(f"timestamp {stamp!r} has no zone")
+            value, dimensions = _split_value(event.get("properties") or {})
+        except (ValueError, AttributeError) as error:
+            raise Refusal(
+                self._error("flexprice", 400, f"Request validation failed: event {index}: {error}")
+            ) from error
+        event_id = event.get("event_id") or f"event_{index}_{moment.timestamp()}"
+        # ClickHouse keeps milliseconds; equal (id, ms timestamp, customer) collapse.
+        millis = round(moment.timestamp() * 1000)
+        return BilledEvent(
+            api="flexprice",
+            dedup_key=f"{event_id}{_SEP}{millis}{_SEP}{customer}",
+            event_id=event_id,
+            source=str(event.get("source") or ""),
+            subject=customer,
+            type=name,
+            time=format_rfc3339(moment),
+            time_s=millis / 1000,
+            value=value,
+            dimensions=dimensions,
+        )
+
+    # -- Lago --------------------------------------------------------------------------------
+
+    async def lago_batch(self, request: web.Request) -> web.Response:
+        return await self._ingest(request, "lago", self._lago_batch)
+
+    async def _lago_batch(self, request: web.Request, document: Any) -> web.Response:
+        if self.validators is not None:
+            self._validate("lago", self.validators.lago_batch, document)
+        events = document.get("events") if isinstance(document, dict) else None
+        if not isinstance(events, list) or not events:
+            raise Refusal(self._error("lago", 422, "no_events", {"events": ["no_events"]}))
+        if len(events) > self.lago_max_batch_events:
+            raise Refusal(self._error("lago", 422, "too_many_events", {"events": ["too_many_events"]}))
+        return await self._store_lago(events, batch=True)
+
+    async def _lago_single(self, request: web.Request, document: Any) -> web.Response:
+        if self.validators is not None:
+            self._validate("lago", self.validators.lago_event, document)
+        return await self._store_lago([document.get("event")], batch=False)
+
+    async def _store_lago(self, events: list[Any], *, batch: bool) -> web.Response:
+        billed: list[BilledEvent] = []
+        errors: dict[str, dict[str, list[str]]] = {}
+        for index, event in enumerate(events):
+            try:
+                billed.append(self._lago_event(event))
+            except ValueError as error:
+                field, _, code = str(error).partition(":")
+                errors[str(index)] = {field: [code]}
+        if errors:
+            raise Refusal(self._error("lago", 422, "validation_errors", errors if batch else errors["0"]))
+        stored = await self.store.add_unless_stored(billed)
+        if stored:
+            duplicate = {"transaction_id": ["value_already_exist"]}
+            details: Any = {str(index): duplicate for index in stored} if batch else duplicate
+            raise Refusal(self._error("lago", 422, "validation_errors", details))
+        objects = [
+            {
+                "lago_id": None,
+                "transaction_id": e.event_id,
+                "lago_customer_id": None,
+                "code": e.type,
+                "timestamp": e.time,
+                "lago_subscription_id": None,
+                "external_subscription_id": e.subject,
+                "properties": {**e.dimensions, **({"value": e.value} if e.value is not None else {})},
+            }
+            for e in billed
+        ]
+        return web.json_response({"events": objects} if batch else {"event": objects[0]}, status=200)
+
+    @staticmethod
+    def _lago_event(event: Any) -> BilledEvent:
+        if not isinstance(event, dict):
+            raise ValueError("event:invalid_format")
+        for field in ("transaction_id", "external_subscription_id", "code"):
+            if not isinstance(event.get(field), str) or not event[field]:
+                raise ValueError(f"{field}:value_is_mandatory")
+        stamp = event.get("timestamp")
+        try:
+            time_s = datetime.now(UTC).timestamp() if stamp is None else float(str(stamp))
+        except ValueError:
+            raise ValueError("timestamp:invalid_format") from None
+        properties = event.get("properties") or {}
+        try:
+            value, dimensions = _split_value(properties)
+        except ValueError:
+            raise ValueError("properties:value_is_not_a_number") from None
+        return BilledEvent(
+            api="lago",
+            dedup_key=f"{event['external_subscription_id']}{_SEP}{event['transaction_id']}",
+            event_id=event["transaction_id"],
+            source="",
+            subject=event["external_subscription_id"],
+            type=event["code"],
+            time=format_rfc3339(datetime.fromtimestamp(time_s, UTC)),
+            time_s=time_s,
+            value=value,
+            dimensions=dimensions,
+        )
+
+    # -- queries and control -----------------------------------------------------------------
+
+    async def usage(self, request: web.Request) -> web.Response:
+        query = request.query
+
+        def seconds(name: str) -> float | None:
+            text = query.get(name)
+            return None if not text else _rfc3339_seconds(text)
+
+        window = query.get("windowSeconds")
+        try:
+            rows = await self.store.usage(
+                subject=query.get("subject"),
+                event_type=query.get("type"),
+                api=query.get("api"),
+                from_s=seconds("from"),
+                to_s=seconds("to"),
+                window_s=float(window) if window else None,
+                group_by=query.getall("groupBy", []),
+            )
+        except ValueError as error:
+            message = f"bad query: {error}; times are RFC 3339, windowSeconds a number"
+            raise web.HTTPBadRequest(text=message) from error
+        for row in rows:
+            for edge in ("windowStart", "windowEnd"):
+                if row[edge] is not None:
+                    row[edge] = format_rfc3339(datetime.fromtimestamp(row[edge], UTC))
+        return web.json_response({"data": rows})
+
+    async def events(self, request: web.Request) -> web.Response:
+        limit = int(request.query.get("limit", "100000"))
+        return web.json_response(
+            {"events": await self.store.events(api=request.query.get("api"), limit=limit)}
+        )
+
+    async def stats(self, request: web.Request) -> web.Response:
+        counters = await self.store.counters()
+        requests = sum(v for k, v in counters.items() if k.startswith("requests_"))
+        rejected = sum(v for k, v in counters.items() if k.startswith("rejected_requests_"))
+        return web.json_response(
+            {
+                "storedEvents": counters.get("stored_events", 0),
+                "distinctEventIds": counters.get("distinct_event_ids", 0),
+                "duplicateEvents": counters.get("duplicate_events", 0),
+                "requests": requests,
+                "rejectedRequests": rejected,
+                "specViolations": counters.get("spec_violations", 0),
+                "counters": counters,
+            }
+        )
+
+    async def add_faults(self, request: web.Request) -> web.Response:
+        """``{"status": 429, "retryAfterSeconds": 1, "requests": 3}``: the next 3 ingest answers."""
+        body = await request.json()
+        fault = Fault(status=int(body["status"]), retry_after_s=body.get("retryAfterSeconds"))
+        self.faults.extend([fault] * int(body.get("requests", 1)))
+        return web.json_response({"queued": len(self.faults)})
+
+    async def clear_faults(self, request: web.Request) -> web.Response:
+        self.faults.clear()
+        return web.json_response({"queued": 0})
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok")
