@@ -56,7 +56,8 @@ class _DefaultsFromFactories(GenerateJsonSchema):
             return super().get_default_value(schema)
         value = factory()  # type: ignore[call-arg]
         if isinstance(value, BaseModel):
-            return value.model_dump(mode="json", by_alias=True, exclude_defaults=True)
+            # in full: the API server checks a default against CEL rules before defaulting inside it
+            return value.model_dump(mode="json", by_alias=True, exclude_none=True)
         if value in ([], {}):
             return NoDefault  # an empty list or map needs no default in the stored object
         return value
@@ -178,7 +179,7 @@ def crd_for(resource: CustomResource) -> dict[str, Any]:
         "properties": {
             "apiVersion": {"type": "string", "description": f"{API_GROUP}/{API_VERSION}"},
             "kind": {"type": "string", "description": resource.kind},
-            "metadata": {"type": "object", "description": "Standard object metadata."},
+            "metadata": {"type": "object"},  # the API server allows nothing more here
             "spec": structural_schema(resource.spec_model, "spec"),
             "status": structural_schema(resource.status_model, "status"),
         },
