@@ -1,0 +1,301 @@
+"""Churn on three GPU nodes: metered totals per pod equal the truth from the pods' own timestamps,
+also when agents are SIGKILLed at random moments."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubemeter.metering.ids import event_id
+from kubemeter.metering.quantities import parse_quantity_milli
+from kubernetes import client, config
+
+from tests.integration.agent.agent_harness import AgentProcess, exact, meter
+from tests.support.controlplane import ControlPlane, wait_for
+
+pytestmark = pytest.mark.integration
+
+WINDOW_S = 10
+METERS = {
+    # event type -> (resource, uid)
+    "gpu-seconds": ("nvidia.com/gpu", "m-gpu"),
+    "mig-seconds": ("nvidia.com/mig-1g.10gb", "m-mig"),
+    "cpu-seconds": ("cpu", "m-cpu"),
+    "memory-byte-seconds": ("memory", "m-mem"),
+}
+
+
+def seconds_ms(text: str) -> int:
+    return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000)
+
+
+@dataclass
+class Truth:
+    """What the test itself knows of a pod: its requests and the timestamps the API server returned."""
+
+    name: str
+    uid: str
+    node: str
+    requests_milli: dict[str, int]
+    start_ms: int
+    end_ms: int | None = None
+
+
+def pod_manifest(name: str, node: str, rng: random.Random) -> tuple[dict[str, Any], dict[str, int]]:
+    gpus = rng.choice([0, 1, 2, 4])
+    mig = rng.choice([0, 0, 1, 2])
+    cpu = rng.choice(["250m", "1", "2", "3500m"])
+    memory = rng.choice(["256Mi", "1Gi", "1536Mi"])
+    app = {"cpu": cpu, "memory": memory}
+    if gpus:
+        app["nvidia.com/gpu"] = str(gpus)
+    if mig:
+        app["nvidia.com/mig-1g.10gb"] = str(mig)
+    containers = [
+        {
+            "name": "main",
+            "image": "fake",
+            "resources": {
+                "requests": app,
+                "limits": {k: v for k, v in app.items() if k.startswith("nvidia.com/")},
+            },
+        }
+    ]
+    init: list[dict[str, Any]] = []
+    requests = {k: parse_quantity_milli(v) for k, v in app.items()}
+    if rng.random() < 0.3:
+        # an init container bigger than the app: the effective CPU request is the init one
+        init = [{"name": "fetch", "image": "fake", "resources": {"requests": {"cpu": "6"}}}]
+        requests["cpu"] = max(requests["cpu"], 6000)
+    spec: dict[str, Any] = {
+        "nodeName": node,
+        "containers": containers,
+        "tolerations": [{"operator": "Exists"}],
+        "terminationGracePeriodSeconds": 30,
+    }
+    if init:
+        spec["initContainers"] = init
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": spec}, requests
+
+
+class Churn:
+    def __init__(self, cluster: ControlPlane, namespace: str, nodes: list[str], seed: int) -> None:
+        api_client = config.new_client_from_config(str(cluster.kubeconfig))
+        self.core = client.CoreV1Api(api_client)
+        self.namespace = namespace
+        self.nodes = nodes
+        self.rng = random.Random(seed)
+        self.truth: dict[str, Truth] = {}
+        self.lock = threading.Lock()
+        # Held while an agent is down: deletions wait, because a pod deleted while its agent is
+        # down leaves no release time behind (documented in docs/metering.md).
+        self.agents_up = threading.Lock()
+
+    def create(self, index: int) -> Truth:
+        node = self.nodes[index % len(self.nodes)]
+        manifest, requests = pod_manifest(f"p-{index:03d}", node, self.rng)
+        pod = self.core.create_namespaced_pod(self.namespace, manifest)
+        truth = Truth(
+            pod.metadata.name,
+            pod.metadata.uid,
+            node,
+            requests,
+            int(pod.metadata.creation_timestamp.timestamp() * 1000),
+        )
+        with self.lock:
+            self.truth[truth.name] = truth
+        return truth
+
+    def finish(self, truth: Truth, how: str) -> None:
+        if how == "delete":
+            with self.agents_up:
+                pod = self.core.delete_namespaced_pod(truth.name, self.namespace)
+            deletion_ms = int(pod.metadata.deletion_timestamp.timestamp() * 1000)
+            truth.end_ms = deletion_ms - 1000 * pod.metadata.deletion_grace_period_seconds
+        else:  # the containers exit, as a kubelet would report it
+            now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            status = {
+                "status": {
+                    "phase": "Succeeded",
+                    "containerStatuses": [
+                        {
+                            "name": "main",
+                            "image": "fake",
+                            "imageID": "",
+                            "ready": False,
+                            "restartCount": 0,
+                            "state": {
+                                "terminated": {
+                                    "exitCode": 0,
+                                    "reason": "Completed",
+                                    "startedAt": now,
+                                    "finishedAt": now,
+                                }
+                            },
+                        }
+                    ],
+                }
+            }
+            pod = self.core.patch_namespaced_pod_status(truth.name, self.namespace, status)
+            finished = pod.status.container_statuses[0].state.terminated.finished_at
+            truth.end_ms = int(finished.timestamp() * 1000)
+
+    def run(self, pods: int, spread_s: float, max_life_s: float) -> None:
+        """Create ``pods`` pods over ``spread_s`` seconds; each lives 3 s to ``max_life_s``."""
+        started = time.monotonic()
+        plan = []
+        for index in range(pods):
+            birth = self.rng.uniform(0, spread_s)
+            life = self.rng.uniform(3, max_life_s)
+            plan.append((birth, index, "create"))
+            plan.append((birth + life, index, self.rng.choice(["delete", "complete"])))
+        plan.sort()
+        by_index: dict[int, Truth] = {}
+        with ThreadPoolExecutor(4) as pool:
+            for moment, index, action in plan:
+                delay = moment - (time.monotonic() - started)
+                if delay > 0:
+                    time.sleep(delay)
+                if action == "create":
+                    by_index[index] = self.create(index)
+                else:
+                    pool.submit(self.finish, by_index[index], action).result()
+
+
+def expected_by_meter(truth: dict[str, Truth]) -> dict[tuple[str, str], Decimal]:
+    expected: dict[tuple[str, str], Decimal] = {}
+    for pod in truth.values():
+        assert pod.end_ms is not None
+        for event_type, (resource, _) in METERS.items():
+            milli = pod.requests_milli.get(resource, 0)
+            if milli:
+                expected[(event_type, pod.name)] = Decimal(milli * (pod.end_ms - pod.start_ms)).scaleb(-6)
+    return expected
+
+
+def metered(events: list[dict[str, Any]]) -> tuple[dict[tuple[str, str], Decimal], dict[str, Decimal]]:
+    totals: dict[tuple[str, str], Decimal] = defaultdict(Decimal)
+    by_id: dict[str, Decimal] = {}
+    for event in events:
+        value = exact(event["data"]["value"])
+        if event["id"] in by_id:
+            assert by_id[event["id"]] == value, f"id {event['id']} emitted twice with different values"
+            continue
+        by_id[event["id"]] = value
+        totals[(event["type"], event["data"]["pod"])] += value
+    return dict(totals), by_id
+
+
+def start_agents(
+    tmp_path: Path, cluster: ControlPlane, namespace: str, nodes: list[str]
+) -> list[AgentProcess]:
+    meters = [
+        meter(t, uid, namespace, {"allocation": {"resource": r}}, windowSeconds=WINDOW_S)
+        for t, (r, uid) in METERS.items()
+    ]
+    agents = [AgentProcess(tmp_path / node, node, cluster.kubeconfig, meters) for node in nodes]
+    for agent in agents:
+        agent.start()
+    return agents
+
+
+def wait_until_all_windows_closed(
+    agents: list[AgentProcess], truth: dict[str, Truth]
+) -> list[dict[str, Any]]:
+    last_end_ms = max(t.end_ms or 0 for t in truth.values())
+    horizon_ms = (last_end_ms // (WINDOW_S * 1000) + 1) * WINDOW_S * 1000
+    wait_for(lambda: time.time() * 1000 > horizon_ms + 4_000, timeout_s=WINDOW_S + 10, what="last window end")
+
+    def closed() -> list[dict[str, Any]] | None:
+        events = [e for agent in agents for e in agent.events()]
+        ends = {seconds_ms(e["data"]["window_end"]) for e in events}
+        return events if max(ends, default=0) >= horizon_ms else None
+
+    return list(wait_for(closed, timeout_s=30, what="agents to close the last window"))
+
+
+def check_against_truth(events: list[dict[str, Any]], truth: dict[str, Truth]) -> dict[str, Decimal]:
+    totals, by_id = metered(events)
+    expected = expected_by_meter(truth)
+    mismatches = {
+        key: (totals.get(key), value) for key, value in expected.items() if totals.get(key) != value
+    }
+    extra = set(totals) - set(expected)
+    assert not mismatches, (
+        f"{len(mismatches)} pod totals differ (metered, truth): {list(mismatches.items())[:5]}"
+    )
+    assert not extra, f"metered pods the truth does not know: {sorted(extra)[:5]}"
+    assert all(e["data"]["complete"] for e in events), [e for e in events if not e["data"]["complete"]][:2]
+    # every id is the deterministic id of its (meter, pod, window)
+    uids = {t.name: t.uid for t in truth.values()}
+    meter_uids = {t: uid for t, (_, uid) in METERS.items()}
+    for event in events:
+        window_start_ms = seconds_ms(event["data"]["window_start"])
+        assert event["id"] == event_id(
+            "test", meter_uids[event["type"]], uids[event["data"]["pod"]], window_start_ms
+        )
+    return by_id
+
+
+def test_churn_of_200_pods_is_metered_exactly_per_pod(
+    cluster: ControlPlane, namespace: str, tmp_path: Path
+) -> None:
+    nodes = [n.name for n in cluster.nodes if n.capacity.get("nvidia.com/gpu") == "8"][:3]
+    agents = start_agents(tmp_path, cluster, namespace, nodes)
+    try:
+        churn = Churn(cluster, namespace, nodes, seed=7)
+        churn.run(pods=210, spread_s=20, max_life_s=25)
+        events = wait_until_all_windows_closed(agents, churn.truth)
+        by_id = check_against_truth(events, churn.truth)
+        assert len(churn.truth) == 210 and len(by_id) > 400
+        metrics = agents[0].metrics()
+        assert "kubemeter_agent_events_emitted_total" in metrics
+        assert "kubemeter_agent_windows_closed_total" in metrics
+    finally:
+        for agent in agents:
+            agent.stop()
+
+
+def test_agents_killed_at_random_moments_emit_identical_ids_and_totals(
+    cluster: ControlPlane, namespace: str, tmp_path: Path
+) -> None:
+    nodes = [n.name for n in cluster.nodes if n.capacity.get("nvidia.com/gpu") == "8"][:3]
+    agents = start_agents(tmp_path, cluster, namespace, nodes)
+    rng = random.Random(11)
+    kills: list[str] = []
+    churn = Churn(cluster, namespace, nodes, seed=13)
+    stop = threading.Event()
+
+    def killer() -> None:
+        for _ in range(5):
+            if stop.wait(rng.uniform(2, 6)):
+                return
+            agent = rng.choice(agents)
+            with churn.agents_up:
+                agent.kill()
+                kills.append(agent.node)
+                time.sleep(rng.uniform(0, 2))  # down for a while: windows close late, after restart
+                agent.start()
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    try:
+        churn.run(pods=200, spread_s=20, max_life_s=25)
+        thread.join()
+        assert len(kills) == 5
+        events = wait_until_all_windows_closed(agents, churn.truth)
+        check_against_truth(events, churn.truth)
+    finally:
+        stop.set()
+        thread.join()
+        for agent in agents:
+            agent.stop()
