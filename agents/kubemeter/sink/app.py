@@ -58,8 +58,11 @@ def _number(value: Any) -> float | None:
         return None
     if isinstance(value, bool):
         raise ValueError("value must be a number, not a boolean")
-    if isinstance(value, (int | float, str)):
-        number = float(value)
+    if isinstance(value, int | float | str):
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"value must be a number, got {value!r}") from None
     else:
         raise ValueError(f"value must be a number, got {type(value).__name__}")
     if not math.isfinite(number):

@@ -36,10 +36,9 @@ def unix_seconds(rfc3339: str) -> int | str:
     return f"{whole}.{moment.microsecond:06d}".rstrip("0")
 
 
-def property_value(value: Any) -> str | int | float:
-    # Lago stores properties as strings, integers or numbers; anything else travels as text.
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return value
+def property_value(value: Any) -> str:
+    # The spec's oneOf [string, integer, number] refuses every whole number (it is both integer and
+    # number), and Lago stores properties as text anyway: send them all as text.
     return scalar_text(value)
 
 
