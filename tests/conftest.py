@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.plugins.cluster import IN_CI
+from tests.support.ci import IN_CI
 
 pytest_plugins = ["tests.plugins.cluster", "tests.plugins.prometheus"]
 

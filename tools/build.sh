@@ -11,7 +11,7 @@ bin=${KUBEMETER_TOOLS_BIN:-$cache/bin}
 if [ "${1:-}" = "--bin-dir" ]; then echo "$bin"; exit 0; fi
 
 # Go never reaches past the module proxy and never rewrites the committed go.mod/go.sum.
-export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=readonly
+export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS="-mod=readonly -buildvcs=false"
 export GOPROXY=${GOPROXY_OVERRIDE:-https://proxy.golang.org}
 mkdir -p "$cache" "$bin"
 

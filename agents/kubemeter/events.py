@@ -26,7 +26,7 @@ class UsageEvent(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    specversion: Literal["1.0"] = CLOUDEVENTS_SPEC_VERSION
+    specversion: Literal["1.0"] = "1.0"
     id: str = Field(min_length=1)
     source: str = Field(min_length=1, description="kubemeter/<cluster>; stable so (source, id) dedups")
     type: str = Field(min_length=1)

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 # role -> (module, callable taking argv, one-line help)
 ROLES: dict[str, tuple[str, str, str]] = {
+    "operator": ("kubemeter_operator.main", "run", "reconcile Meters, Collectors and Pipelines (Deployment)"),
     "agent": ("kubemeter.agent", "run", "meter the pods of one node into usage events (DaemonSet)"),
     "gateway": (
         "kubemeter.gateway.main",

@@ -14,7 +14,9 @@ pytestmark = pytest.mark.integration
 
 
 def test_api_server_answers_readyz(cluster: ControlPlane) -> None:
-    request = urllib.request.Request(f"{cluster.api_url}/readyz", headers={"Authorization": f"Bearer {cluster.token}"})
+    request = urllib.request.Request(
+        f"{cluster.api_url}/readyz", headers={"Authorization": f"Bearer {cluster.token}"}
+    )
     with urllib.request.urlopen(request, context=cluster.ssl_context(verify=True), timeout=5) as response:
         assert response.status == 200
         assert response.read() == b"ok"
@@ -29,31 +31,59 @@ def test_fake_nodes_advertise_gpus_and_a_kubelet_on_their_own_loopback_address(c
         assert live["status"]["capacity"]["nvidia.com/gpu"] == "8"
         assert live["metadata"]["labels"]["nvidia.com/gpu.product"].startswith("NVIDIA-")
         assert {"type": "InternalIP", "address": node.internal_ip} in live["status"]["addresses"]
-        assert live["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"] == cluster.kubelet_ports[node.name]
+        assert (
+            live["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"] == cluster.kubelet_ports[node.name]
+        )
 
 
 def test_crd_applied_becomes_established(cluster: ControlPlane) -> None:
     crd = {
-        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
         "metadata": {"name": "widgets.example.kubemeter.io"},
-        "spec": {"group": "example.kubemeter.io", "scope": "Namespaced",
-                 "names": {"plural": "widgets", "singular": "widget", "kind": "Widget"},
-                 "versions": [{"name": "v1", "served": True, "storage": True,
-                               "schema": {"openAPIV3Schema": {"type": "object", "properties": {
-                                   "spec": {"type": "object", "properties": {"size": {"type": "integer"}}}}}}}]},
+        "spec": {
+            "group": "example.kubemeter.io",
+            "scope": "Namespaced",
+            "names": {"plural": "widgets", "singular": "widget", "kind": "Widget"},
+            "versions": [
+                {
+                    "name": "v1",
+                    "served": True,
+                    "storage": True,
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "properties": {
+                                "spec": {"type": "object", "properties": {"size": {"type": "integer"}}}
+                            },
+                        }
+                    },
+                }
+            ],
+        },
     }
     cluster.kubectl("apply", "-f", "-", input=json.dumps(crd))
-    cluster.kubectl("wait", "--for=condition=Established", "crd/widgets.example.kubemeter.io", "--timeout=60s")
+    cluster.kubectl(
+        "wait", "--for=condition=Established", "crd/widgets.example.kubemeter.io", "--timeout=60s"
+    )
     cluster.kubectl("delete", "crd", "widgets.example.kubemeter.io", "--wait=false")
 
 
 def test_daemonset_lands_one_running_pod_on_each_gpu_node(cluster: ControlPlane, namespace: str) -> None:
     daemonset = {
-        "apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": "agent", "namespace": namespace},
-        "spec": {"selector": {"matchLabels": {"app": "agent"}},
-                 "template": {"metadata": {"labels": {"app": "agent"}},
-                              "spec": {"nodeSelector": {"nvidia.com/gpu.present": "true"},
-                                       "containers": [{"name": "agent", "image": "kubemeter:test"}]}}},
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": {"name": "agent", "namespace": namespace},
+        "spec": {
+            "selector": {"matchLabels": {"app": "agent"}},
+            "template": {
+                "metadata": {"labels": {"app": "agent"}},
+                "spec": {
+                    "nodeSelector": {"nvidia.com/gpu.present": "true"},
+                    "containers": [{"name": "agent", "image": "kubemeter:test"}],
+                },
+            },
+        },
     }
     cluster.kubectl("apply", "-f", "-", input=json.dumps(daemonset))
     gpu_nodes = {n.name for n in cluster.nodes if n.labels.get("nvidia.com/gpu.present") == "true"}
@@ -68,44 +98,99 @@ def test_daemonset_lands_one_running_pod_on_each_gpu_node(cluster: ControlPlane,
 
 def test_statefulset_volume_claim_template_gets_a_bound_claim(cluster: ControlPlane, namespace: str) -> None:
     statefulset = {
-        "apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "gateway", "namespace": namespace},
-        "spec": {"serviceName": "gateway", "replicas": 1, "selector": {"matchLabels": {"app": "gateway"}},
-                 "template": {"metadata": {"labels": {"app": "gateway"}},
-                              "spec": {"nodeSelector": {"kubernetes.io/hostname": "kwok-cpu-0"},
-                                       "containers": [{"name": "gateway", "image": "kubemeter:test",
-                                                       "volumeMounts": [{"name": "buffer", "mountPath": "/buffer"}]}]}},
-                 "volumeClaimTemplates": [{"metadata": {"name": "buffer"}, "spec": {
-                     "accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}]},
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": {"name": "gateway", "namespace": namespace},
+        "spec": {
+            "serviceName": "gateway",
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": "gateway"}},
+            "template": {
+                "metadata": {"labels": {"app": "gateway"}},
+                "spec": {
+                    "nodeSelector": {"kubernetes.io/hostname": "kwok-cpu-0"},
+                    "containers": [
+                        {
+                            "name": "gateway",
+                            "image": "kubemeter:test",
+                            "volumeMounts": [{"name": "buffer", "mountPath": "/buffer"}],
+                        }
+                    ],
+                },
+            },
+            "volumeClaimTemplates": [
+                {
+                    "metadata": {"name": "buffer"},
+                    "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+                }
+            ],
+        },
     }
     cluster.kubectl("apply", "-f", "-", input=json.dumps(statefulset))
-    claim = wait_for(lambda: cluster.get_json("pvc", "buffer-gateway-0", "-n", namespace)
-                     if cluster.get_json("pvc", "buffer-gateway-0", "-n", namespace)["status"].get("phase") == "Bound"
-                     else None, timeout_s=90, what="the gateway's claim to be Bound")
+    claim = wait_for(
+        lambda: (
+            cluster.get_json("pvc", "buffer-gateway-0", "-n", namespace)
+            if cluster.get_json("pvc", "buffer-gateway-0", "-n", namespace)["status"].get("phase") == "Bound"
+            else None
+        ),
+        timeout_s=90,
+        what="the gateway's claim to be Bound",
+    )
     assert claim["spec"]["storageClassName"] == "standard"
-    wait_for(lambda: cluster.get_json("pod", "gateway-0", "-n", namespace)["status"].get("phase") == "Running",
-             timeout_s=90, what="gateway-0 Running on its bound claim")
+    wait_for(
+        lambda: cluster.get_json("pod", "gateway-0", "-n", namespace)["status"].get("phase") == "Running",
+        timeout_s=90,
+        what="gateway-0 Running on its bound claim",
+    )
 
 
 def test_deleting_an_owner_garbage_collects_its_dependents(cluster: ControlPlane, namespace: str) -> None:
     owner = json.loads(cluster.kubectl("create", "configmap", "owner", "-n", namespace, "-o", "json").stdout)
     dependent = {
-        "apiVersion": "v1", "kind": "ConfigMap",
-        "metadata": {"name": "dependent", "namespace": namespace, "ownerReferences": [{
-            "apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": owner["metadata"]["uid"],
-            "controller": True, "blockOwnerDeletion": True}]},
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": "dependent",
+            "namespace": namespace,
+            "ownerReferences": [
+                {
+                    "apiVersion": "v1",
+                    "kind": "ConfigMap",
+                    "name": "owner",
+                    "uid": owner["metadata"]["uid"],
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
+        },
     }
     cluster.kubectl("apply", "-f", "-", input=json.dumps(dependent))
     cluster.kubectl("delete", "configmap", "owner", "-n", namespace)
-    wait_for(lambda: cluster.kubectl("get", "configmap", "dependent", "-n", namespace, check=False).returncode != 0,
-             timeout_s=60, what="the garbage collector to delete the dependent")
+    wait_for(
+        lambda: (
+            cluster.kubectl("get", "configmap", "dependent", "-n", namespace, check=False).returncode != 0
+        ),
+        timeout_s=60,
+        what="the garbage collector to delete the dependent",
+    )
 
 
-def test_service_account_token_is_refused_what_its_role_does_not_grant(cluster: ControlPlane, namespace: str,
-                                                                      tmp_path: object) -> None:
+def test_service_account_token_is_refused_what_its_role_does_not_grant(
+    cluster: ControlPlane, namespace: str, tmp_path: object
+) -> None:
     cluster.kubectl("create", "serviceaccount", "reader", "-n", namespace)
-    cluster.kubectl("create", "role", "read-configmaps", "-n", namespace, "--verb=get,list", "--resource=configmaps")
-    cluster.kubectl("create", "rolebinding", "reader", "-n", namespace, "--role=read-configmaps",
-                    f"--serviceaccount={namespace}:reader")
+    cluster.kubectl(
+        "create", "role", "read-configmaps", "-n", namespace, "--verb=get,list", "--resource=configmaps"
+    )
+    cluster.kubectl(
+        "create",
+        "rolebinding",
+        "reader",
+        "-n",
+        namespace,
+        "--role=read-configmaps",
+        f"--serviceaccount={namespace}:reader",
+    )
     token = cluster.kubectl("create", "token", "reader", "-n", namespace).stdout.strip()
     from pathlib import Path
 

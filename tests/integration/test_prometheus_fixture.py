@@ -18,7 +18,7 @@ pytestmark = pytest.mark.prometheus
 
 class _Exporter(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
-        body = b"# TYPE kubemeter_fixture_value gauge\nkubemeter_fixture_value{pod=\"p\"} 42\n"
+        body = b'# TYPE kubemeter_fixture_value gauge\nkubemeter_fixture_value{pod="p"} 42\n'
         self.send_response(200)
         self.send_header("Content-Type", "text/plain; version=0.0.4")
         self.end_headers()
@@ -32,8 +32,9 @@ def test_prometheus_scrapes_the_target_the_test_supplies(prometheus_server: Prom
     exporter = ThreadingHTTPServer(("127.0.0.1", 0), _Exporter)
     threading.Thread(target=exporter.serve_forever, daemon=True).start()
     try:
-        url = prometheus_server([{"job_name": "fixture",
-                                  "static_configs": [{"targets": [f"127.0.0.1:{exporter.server_port}"]}]}])
+        url = prometheus_server(
+            [{"job_name": "fixture", "static_configs": [{"targets": [f"127.0.0.1:{exporter.server_port}"]}]}]
+        )
 
         def value() -> str | None:
             query = urllib.parse.urlencode({"query": "kubemeter_fixture_value"})

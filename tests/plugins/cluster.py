@@ -8,23 +8,16 @@ need it; elsewhere they are skipped with the reason.
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from collections.abc import Generator, Iterator
+from typing import Any
 
 import pytest
 
+from tests.support.ci import unavailable
 from tests.support.controlplane import ControlPlane, ControlPlaneError, missing_binaries, tools_bin_dir
 
-IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 _planes: list[ControlPlane] = []
-
-
-def unavailable(reason: str) -> None:
-    """A missing part of the test environment: a failure in CI, a skip on a developer's machine."""
-    if IN_CI:
-        pytest.fail(f"{reason} (CI=true: a test that cannot run fails)", pytrace=False)
-    pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +48,7 @@ def namespace(cluster: ControlPlane) -> Iterator[str]:
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, None, None]:
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
     outcome = yield
     report = outcome.get_result()
     if report.failed and _planes and "cluster" in getattr(item, "fixturenames", ()):

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.plugins.cluster import unavailable
+from tests.support.ci import unavailable
 from tests.support.controlplane import free_port
 
 PrometheusFactory = Callable[..., str]
@@ -38,19 +38,31 @@ def prometheus_server(tmp_path: Path) -> Iterator[PrometheusFactory]:
         binary = prometheus_binary()
         if binary is None:
             unavailable("prometheus is not installed (apt-get install prometheus)")
-            raise AssertionError("unreachable")
         port = free_port()
-        config = {"global": {"scrape_interval": f"{int(scrape_interval_s * 1000)}ms",
-                             "evaluation_interval": f"{int(scrape_interval_s * 1000)}ms"},
-                  "scrape_configs": scrape_configs}
+        config = {
+            "global": {
+                "scrape_interval": f"{int(scrape_interval_s * 1000)}ms",
+                "evaluation_interval": f"{int(scrape_interval_s * 1000)}ms",
+            },
+            "scrape_configs": scrape_configs,
+        }
         directory = tmp_path / f"prometheus-{port}"
         directory.mkdir()
         (directory / "prometheus.yml").write_text(json.dumps(config))  # JSON is YAML
         log = (directory / "prometheus.log").open("wb")
         process = subprocess.Popen(
-            [binary, f"--config.file={directory / 'prometheus.yml'}", f"--storage.tsdb.path={directory / 'data'}",
-             f"--web.listen-address=127.0.0.1:{port}", "--web.enable-lifecycle", "--log.level=warn"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                binary,
+                f"--config.file={directory / 'prometheus.yml'}",
+                f"--storage.tsdb.path={directory / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--web.enable-lifecycle",
+                "--log.level=warn",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         log.close()
         processes.append(process)
         url = f"http://127.0.0.1:{port}"
@@ -58,13 +70,14 @@ def prometheus_server(tmp_path: Path) -> Iterator[PrometheusFactory]:
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 unavailable(f"prometheus exited: {(directory / 'prometheus.log').read_text()[-2000:]}")
-            with contextlib.suppress(OSError, urllib.error.URLError):
-                with urllib.request.urlopen(f"{url}/-/ready", timeout=2) as response:
-                    if response.status == 200:
-                        return url
+            with (
+                contextlib.suppress(OSError, urllib.error.URLError),
+                urllib.request.urlopen(f"{url}/-/ready", timeout=2) as response,
+            ):
+                if response.status == 200:
+                    return url
             time.sleep(0.2)
         unavailable("prometheus did not become ready within 60 s")
-        raise AssertionError("unreachable")
 
     yield start
     for process in processes:

@@ -61,8 +61,13 @@ def _gpu_node(index: int, product: str, memory_mib: int, extra: dict[str, str] |
         "nvidia.com/gpu.memory": str(memory_mib),
         "node.kubernetes.io/instance-type": "p5.48xlarge",
     }
-    capacity = {"cpu": "192", "memory": "2048Gi", "pods": "110", "ephemeral-storage": "3800Gi",
-                "nvidia.com/gpu": "8"}
+    capacity = {
+        "cpu": "192",
+        "memory": "2048Gi",
+        "pods": "110",
+        "ephemeral-storage": "3800Gi",
+        "nvidia.com/gpu": "8",
+    }
     capacity.update(extra or {})
     return FakeNode(f"kwok-gpu-{index}", labels, capacity, f"127.0.10.{index + 1}")
 
@@ -78,8 +83,14 @@ def default_nodes() -> list[FakeNode]:
             "nvidia.com/mig.strategy": "mixed",
             "node.kubernetes.io/instance-type": "p4de.24xlarge",
         },
-        {"cpu": "96", "memory": "1152Gi", "pods": "110", "ephemeral-storage": "7600Gi",
-         "nvidia.com/gpu": "6", "nvidia.com/mig-1g.10gb": "14"},
+        {
+            "cpu": "96",
+            "memory": "1152Gi",
+            "pods": "110",
+            "ephemeral-storage": "7600Gi",
+            "nvidia.com/gpu": "6",
+            "nvidia.com/mig-1g.10gb": "14",
+        },
         "127.0.10.11",
     )
     cpu_node = FakeNode(
@@ -101,8 +112,9 @@ def tools_bin_dir() -> Path:
     """Where ``tools/build.sh`` links the binaries (``KUBEMETER_TOOLS_BIN`` overrides)."""
     if "KUBEMETER_TOOLS_BIN" in os.environ:
         return Path(os.environ["KUBEMETER_TOOLS_BIN"])
-    out = subprocess.run([str(REPO_ROOT / "tools" / "build.sh"), "--bin-dir"], check=True,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [str(REPO_ROOT / "tools" / "build.sh"), "--bin-dir"], check=True, capture_output=True, text=True
+    )
     return Path(out.stdout.strip())
 
 
@@ -129,8 +141,9 @@ class Component:
     def start(self) -> None:
         log = self.log_path.open("ab")
         # A process group of its own: stop() can end the component and anything it forked.
-        self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, start_new_session=True)
+        self.process = subprocess.Popen(
+            self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
         log.close()
 
     def running(self) -> bool:
@@ -191,7 +204,8 @@ class ControlPlane:
         missing = missing_binaries(self.bin_dir)
         if missing:
             raise ControlPlaneError(
-                f"missing binaries in {self.bin_dir}: {', '.join(missing)}; build them with tools/build.sh")
+                f"missing binaries in {self.bin_dir}: {', '.join(missing)}; build them with tools/build.sh"
+            )
         started = time.monotonic()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.logs_dir.mkdir(exist_ok=True)
@@ -248,11 +262,14 @@ class ControlPlane:
         return str(self.bin_dir / name)
 
     def _write_credentials(self) -> None:
-        (self.state_dir / "tokens.csv").write_text(f'{self.token},{ADMIN_USER},{ADMIN_USER},"system:masters"\n')
+        (self.state_dir / "tokens.csv").write_text(
+            f'{self.token},{ADMIN_USER},{ADMIN_USER},"system:masters"\n'
+        )
         sa_key = self.state_dir / "pki" / "sa.key"
         if not sa_key.exists():
-            subprocess.run(["openssl", "genrsa", "-out", str(sa_key), "2048"], check=True,
-                           capture_output=True)
+            subprocess.run(
+                ["openssl", "genrsa", "-out", str(sa_key), "2048"], check=True, capture_output=True
+            )
 
     def _add(self, name: str, argv: list[str]) -> Component:
         component = Component(name, argv, self.logs_dir / f"{name}.log")
@@ -271,19 +288,31 @@ class ControlPlane:
                     self.timings_s[component.name] = time.monotonic() - started
                     return
             time.sleep(0.2)
-        raise ControlPlaneError(f"{component.name} not ready after {timeout_s:.0f} s:\n{component.log_tail()}")
+        raise ControlPlaneError(
+            f"{component.name} not ready after {timeout_s:.0f} s:\n{component.log_tail()}"
+        )
 
     def _start_etcd(self, timeout_s: float) -> None:
         client, peer = free_port(), free_port()
-        etcd = self._add("etcd", [
-            self._binary("etcd"), "--name=node0", f"--data-dir={self.state_dir / 'etcd'}",
-            f"--listen-client-urls=http://127.0.0.1:{client}", f"--advertise-client-urls=http://127.0.0.1:{client}",
-            f"--listen-peer-urls=http://127.0.0.1:{peer}", f"--initial-advertise-peer-urls=http://127.0.0.1:{peer}",
-            f"--initial-cluster=node0=http://127.0.0.1:{peer}", "--listen-metrics-urls=",
-            # Test data is disposable; fsync would only slow every write.
-            "--unsafe-no-fsync=true", f"--quota-backend-bytes={2 << 30}", "--auto-compaction-retention=1",
-            "--log-level=warn",
-        ])
+        etcd = self._add(
+            "etcd",
+            [
+                self._binary("etcd"),
+                "--name=node0",
+                f"--data-dir={self.state_dir / 'etcd'}",
+                f"--listen-client-urls=http://127.0.0.1:{client}",
+                f"--advertise-client-urls=http://127.0.0.1:{client}",
+                f"--listen-peer-urls=http://127.0.0.1:{peer}",
+                f"--initial-advertise-peer-urls=http://127.0.0.1:{peer}",
+                f"--initial-cluster=node0=http://127.0.0.1:{peer}",
+                "--listen-metrics-urls=",
+                # Test data is disposable; fsync would only slow every write.
+                "--unsafe-no-fsync=true",
+                f"--quota-backend-bytes={2 << 30}",
+                "--auto-compaction-retention=1",
+                "--log-level=warn",
+            ],
+        )
         self.etcd_url = f"http://127.0.0.1:{client}"
 
         def ready() -> bool:
@@ -295,23 +324,36 @@ class ControlPlane:
     def _start_apiserver(self, timeout_s: float) -> None:
         self.api_port = free_port()
         sa_key = self.state_dir / "pki" / "sa.key"
-        apiserver = self._add("kube-apiserver", [
-            self._binary("kube-apiserver"), f"--etcd-servers={self.etcd_url}",
-            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={self.api_port}",
-            f"--cert-dir={self.state_dir / 'pki'}", f"--token-auth-file={self.state_dir / 'tokens.csv'}",
-            "--authorization-mode=Node,RBAC", "--anonymous-auth=true",
-            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-            f"--service-account-key-file={sa_key}", f"--service-account-signing-key-file={sa_key}",
-            "--service-cluster-ip-range=10.96.0.0/16", "--allow-privileged=true",
-            # Without it, pods in a namespace created a moment ago race the default ServiceAccount.
-            "--disable-admission-plugins=ServiceAccount",
-            "--enable-priority-and-fairness=false", "--profiling=false", "--v=1",
-        ])
+        apiserver = self._add(
+            "kube-apiserver",
+            [
+                self._binary("kube-apiserver"),
+                f"--etcd-servers={self.etcd_url}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={self.api_port}",
+                f"--cert-dir={self.state_dir / 'pki'}",
+                f"--token-auth-file={self.state_dir / 'tokens.csv'}",
+                "--authorization-mode=Node,RBAC",
+                "--anonymous-auth=true",
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                f"--service-account-key-file={sa_key}",
+                f"--service-account-signing-key-file={sa_key}",
+                "--service-cluster-ip-range=10.96.0.0/16",
+                "--allow-privileged=true",
+                # Without it, pods in a namespace created a moment ago race the default ServiceAccount.
+                "--disable-admission-plugins=ServiceAccount",
+                "--enable-priority-and-fairness=false",
+                "--profiling=false",
+                "--v=1",
+            ],
+        )
         context = self.ssl_context(verify=False)
 
         def ready() -> bool:
-            request = urllib.request.Request(f"{self.api_url}/readyz",
-                                             headers={"Authorization": f"Bearer {self.token}"})
+            request = urllib.request.Request(
+                f"{self.api_url}/readyz", headers={"Authorization": f"Bearer {self.token}"}
+            )
             with urllib.request.urlopen(request, timeout=3, context=context) as response:
                 return bool(response.status == 200)
 
@@ -324,11 +366,19 @@ class ControlPlane:
 
     def kubeconfig_text(self, token: str | None = None, user: str = ADMIN_USER) -> str:
         config = {
-            "apiVersion": "v1", "kind": "Config", "current-context": "kubemeter-local",
-            "clusters": [{"name": "kubemeter-local", "cluster": {
-                "server": self.api_url, "certificate-authority": str(self.ca_file)}}],
+            "apiVersion": "v1",
+            "kind": "Config",
+            "current-context": "kubemeter-local",
+            "clusters": [
+                {
+                    "name": "kubemeter-local",
+                    "cluster": {"server": self.api_url, "certificate-authority": str(self.ca_file)},
+                }
+            ],
             "users": [{"name": user, "user": {"token": token or self.token}}],
-            "contexts": [{"name": "kubemeter-local", "context": {"cluster": "kubemeter-local", "user": user}}],
+            "contexts": [
+                {"name": "kubemeter-local", "context": {"cluster": "kubemeter-local", "user": user}}
+            ],
         }
         return json.dumps(config, indent=2)
 
@@ -338,25 +388,45 @@ class ControlPlane:
         path.chmod(0o600)
 
     def _start_controllers(self, timeout_s: float) -> None:
-        common = [f"--kubeconfig={self.kubeconfig}", f"--authentication-kubeconfig={self.kubeconfig}",
-                  f"--authorization-kubeconfig={self.kubeconfig}", "--leader-elect=false",
-                  "--bind-address=127.0.0.1", "--authorization-always-allow-paths=/healthz,/readyz,/livez,/metrics",
-                  "--kube-api-qps=500", "--kube-api-burst=1000"]
+        common = [
+            f"--kubeconfig={self.kubeconfig}",
+            f"--authentication-kubeconfig={self.kubeconfig}",
+            f"--authorization-kubeconfig={self.kubeconfig}",
+            "--leader-elect=false",
+            "--bind-address=127.0.0.1",
+            "--authorization-always-allow-paths=/healthz,/readyz,/livez,/metrics",
+            "--kube-api-qps=500",
+            "--kube-api-burst=1000",
+        ]
         kcm_port, scheduler_port = free_port(), free_port()
-        kcm = self._add("kube-controller-manager", [
-            self._binary("kube-controller-manager"), *common, f"--secure-port={kcm_port}",
-            f"--service-account-private-key-file={self.state_dir / 'pki' / 'sa.key'}",
-            f"--root-ca-file={self.ca_file}", "--use-service-account-credentials=false",
-            "--controllers=*", "--concurrent-gc-syncs=10",
-        ])
-        scheduler = self._add("kube-scheduler", [
-            self._binary("kube-scheduler"), *common, f"--secure-port={scheduler_port}",
-        ])
+        kcm = self._add(
+            "kube-controller-manager",
+            [
+                self._binary("kube-controller-manager"),
+                *common,
+                f"--secure-port={kcm_port}",
+                f"--service-account-private-key-file={self.state_dir / 'pki' / 'sa.key'}",
+                f"--root-ca-file={self.ca_file}",
+                "--use-service-account-credentials=false",
+                "--controllers=*",
+                "--concurrent-gc-syncs=10",
+            ],
+        )
+        scheduler = self._add(
+            "kube-scheduler",
+            [
+                self._binary("kube-scheduler"),
+                *common,
+                f"--secure-port={scheduler_port}",
+            ],
+        )
         context = self.ssl_context(verify=False)
         for component, port in ((kcm, kcm_port), (scheduler, scheduler_port)):
+
             def ready(port: int = port) -> bool:
-                with urllib.request.urlopen(f"https://127.0.0.1:{port}/healthz", timeout=3,
-                                            context=context) as response:
+                with urllib.request.urlopen(
+                    f"https://127.0.0.1:{port}/healthz", timeout=3, context=context
+                ) as response:
                     return bool(response.status == 200)
 
             self._wait(component, ready, timeout_s)
@@ -365,35 +435,54 @@ class ControlPlane:
         for node in self.nodes:
             self.kubelet_ports[node.name] = free_port()
             manifest = {
-                "apiVersion": "v1", "kind": "Node",
+                "apiVersion": "v1",
+                "kind": "Node",
                 "metadata": {
                     "name": node.name,
                     "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
-                    "labels": {"type": "kwok", "kubernetes.io/hostname": node.name,
-                               "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64",
-                               "topology.kubernetes.io/zone": "local-a", **node.labels},
+                    "labels": {
+                        "type": "kwok",
+                        "kubernetes.io/hostname": node.name,
+                        "kubernetes.io/os": "linux",
+                        "kubernetes.io/arch": "amd64",
+                        "topology.kubernetes.io/zone": "local-a",
+                        **node.labels,
+                    },
                 },
             }
             self.kubectl("apply", "-f", "-", input=json.dumps(manifest))
-            status = {"status": {
-                "capacity": node.capacity, "allocatable": node.capacity,
-                "addresses": [{"type": "InternalIP", "address": node.internal_ip},
-                              {"type": "Hostname", "address": node.name}],
-                "daemonEndpoints": {"kubeletEndpoint": {"Port": self.kubelet_ports[node.name]}},
-            }}
-            self.kubectl("patch", "node", node.name, "--subresource=status", "--type=merge",
-                         "-p", json.dumps(status))
+            status = {
+                "status": {
+                    "capacity": node.capacity,
+                    "allocatable": node.capacity,
+                    "addresses": [
+                        {"type": "InternalIP", "address": node.internal_ip},
+                        {"type": "Hostname", "address": node.name},
+                    ],
+                    "daemonEndpoints": {"kubeletEndpoint": {"Port": self.kubelet_ports[node.name]}},
+                }
+            }
+            self.kubectl(
+                "patch", "node", node.name, "--subresource=status", "--type=merge", "-p", json.dumps(status)
+            )
 
     def _start_kwok(self) -> None:
         stages = self.bin_dir / "kwok-stages.yaml"
         if not stages.exists():
             raise ControlPlaneError(f"{stages} is missing; run tools/build.sh")
-        self._add("kwok", [
-            self._binary("kwok"), f"--kubeconfig={self.kubeconfig}", f"--config={stages}",
-            "--manage-all-nodes=false", "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
-            "--cidr=10.244.0.0/16", "--node-lease-duration-seconds=40",
-            f"--server-address=127.0.0.1:{free_port()}",
-        ])
+        self._add(
+            "kwok",
+            [
+                self._binary("kwok"),
+                f"--kubeconfig={self.kubeconfig}",
+                f"--config={stages}",
+                "--manage-all-nodes=false",
+                "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
+                "--cidr=10.244.0.0/16",
+                "--node-lease-duration-seconds=40",
+                f"--server-address=127.0.0.1:{free_port()}",
+            ],
+        )
 
     def _wait_nodes_ready(self, timeout_s: float) -> None:
         kwok = self.components[-1]
@@ -401,8 +490,11 @@ class ControlPlane:
         def ready() -> bool:
             nodes = json.loads(self.kubectl("get", "nodes", "-o", "json").stdout)["items"]
             ready_names = {
-                n["metadata"]["name"] for n in nodes
-                if any(c["type"] == "Ready" and c["status"] == "True" for c in n["status"].get("conditions", []))
+                n["metadata"]["name"]
+                for n in nodes
+                if any(
+                    c["type"] == "Ready" and c["status"] == "True" for c in n["status"].get("conditions", [])
+                )
             }
             return ready_names >= {node.name for node in self.nodes}
 
@@ -410,17 +502,27 @@ class ControlPlane:
 
     def _create_storage_class(self) -> None:
         storage_class = {
-            "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
-            "metadata": {"name": STORAGE_CLASS,
-                         "annotations": {"storageclass.kubernetes.io/is-default-class": "true"}},
-            "provisioner": HostPathProvisioner.NAME, "reclaimPolicy": "Delete",
+            "apiVersion": "storage.k8s.io/v1",
+            "kind": "StorageClass",
+            "metadata": {
+                "name": STORAGE_CLASS,
+                "annotations": {"storageclass.kubernetes.io/is-default-class": "true"},
+            },
+            "provisioner": HostPathProvisioner.NAME,
+            "reclaimPolicy": "Delete",
             "volumeBindingMode": "Immediate",
         }
         self.kubectl("apply", "-f", "-", input=json.dumps(storage_class))
 
     # ---- helpers ---------------------------------------------------------------------------------
-    def kubectl(self, *args: str, input: str | None = None, check: bool = True,
-                kubeconfig: Path | None = None, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
+    def kubectl(
+        self,
+        *args: str,
+        input: str | None = None,
+        check: bool = True,
+        kubeconfig: Path | None = None,
+        timeout_s: float = 60,
+    ) -> subprocess.CompletedProcess[str]:
         argv = [self._binary("kubectl"), f"--kubeconfig={kubeconfig or self.kubeconfig}", *args]
         result = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout_s)
         if check and result.returncode != 0:
@@ -473,12 +575,14 @@ class HostPathProvisioner:
             path = self.root / name
             path.mkdir(parents=True, exist_ok=True)
             volume = {
-                "apiVersion": "v1", "kind": "PersistentVolume",
+                "apiVersion": "v1",
+                "kind": "PersistentVolume",
                 "metadata": {"name": name, "annotations": {"pv.kubernetes.io/provisioned-by": self.NAME}},
                 "spec": {
                     "capacity": {"storage": spec["resources"]["requests"]["storage"]},
                     "accessModes": spec.get("accessModes", ["ReadWriteOnce"]),
-                    "persistentVolumeReclaimPolicy": "Delete", "storageClassName": STORAGE_CLASS,
+                    "persistentVolumeReclaimPolicy": "Delete",
+                    "storageClassName": STORAGE_CLASS,
                     "hostPath": {"path": str(path), "type": "DirectoryOrCreate"},
                     "claimRef": {"namespace": meta["namespace"], "name": meta["name"], "uid": meta["uid"]},
                 },
@@ -491,7 +595,9 @@ class HostPathProvisioner:
                 shutil.rmtree(self.root / name, ignore_errors=True)
 
 
-def wait_for(predicate: Any, timeout_s: float = 60.0, interval_s: float = 0.25, what: str = "condition") -> Any:
+def wait_for(
+    predicate: Any, timeout_s: float = 60.0, interval_s: float = 0.25, what: str = "condition"
+) -> Any:
     """Poll ``predicate`` until it returns something truthy; return it. Raise with ``what`` on timeout."""
     deadline = time.monotonic() + timeout_s
     last_error: Exception | None = None
@@ -506,8 +612,8 @@ def wait_for(predicate: Any, timeout_s: float = 60.0, interval_s: float = 0.25, 
     raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}; last error: {last_error}")
 
 
-
 # ---- command line: make cluster-up / cluster-down --------------------------------------------------
+
 
 def _up(state: Path, kubeconfig: Path) -> int:
     if (state / "supervisor.pid").exists():
@@ -557,4 +663,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
