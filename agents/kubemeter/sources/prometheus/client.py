@@ -1,0 +1,130 @@
+"""The Prometheus HTTP API, as much of it as exact metering needs: one instant query at a time."""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import httpx
+
+
+class PrometheusError(Exception):
+    """Prometheus could not answer the query; the message says what to fix."""
+
+
+class PrometheusQueryError(PrometheusError):
+    """Prometheus rejected the query itself (HTTP 400/422): retrying will not help."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    time_ms: int
+    value: Decimal
+
+
+@dataclass(frozen=True)
+class Series:
+    labels: dict[str, str]
+    samples: list[Sample]
+
+    @property
+    def key(self) -> tuple[tuple[str, str], ...]:
+        return tuple(sorted(self.labels.items()))
+
+
+@dataclass(frozen=True)
+class PrometheusConnection:
+    """Where Prometheus is and how to authenticate to it (Thanos/Mimir query frontends included)."""
+
+    url: str
+    headers: dict[str, str] = field(default_factory=dict)  # e.g. X-Scope-OrgID for Mimir
+    bearer_token: str | None = None
+    basic_auth: tuple[str, str] | None = None
+    ca_file: str | None = None
+    client_cert_file: str | None = None
+    client_key_file: str | None = None
+    insecure_skip_verify: bool = False
+    timeout_s: float = 10.0
+
+    def verify(self) -> ssl.SSLContext | bool:
+        if self.insecure_skip_verify:
+            return False
+        context = ssl.create_default_context(cafile=self.ca_file)
+        if self.client_cert_file:
+            context.load_cert_chain(self.client_cert_file, self.client_key_file)
+        return context
+
+
+def _sample(pair: list[Any]) -> Sample:
+    time_s, text = pair
+    # Prometheus sends "<seconds>.<millis>" and the value as a string; both are exact as decimals.
+    return Sample(int(Decimal(str(time_s)).scaleb(3)), Decimal(text))
+
+
+def parse_matrix(body: dict[str, Any]) -> list[Series]:
+    """The ``data`` of a range-selector instant query (``resultType: matrix``)."""
+    data = body.get("data") or {}
+    if data.get("resultType") != "matrix":
+        raise PrometheusQueryError(
+            f"expected a matrix of raw samples, got {data.get('resultType')!r}; the query must be a "
+            "plain series selector"
+        )
+    series: list[Series] = []
+    for item in data.get("result") or []:
+        try:
+            samples = [_sample(pair) for pair in item.get("values") or []]
+        except (InvalidOperation, ValueError, TypeError) as error:
+            raise PrometheusError(f"Prometheus sent a sample that is not a number: {error}") from error
+        # NaN (a staleness marker leaking through, or an exporter's NaN) is not usage.
+        samples = [s for s in samples if s.value.is_finite()]
+        series.append(Series(dict(item.get("metric") or {}), samples))
+    return series
+
+
+class PrometheusClient:
+    def __init__(self, connection: PrometheusConnection) -> None:
+        self.connection = connection
+        headers = dict(connection.headers)
+        if connection.bearer_token:
+            headers["Authorization"] = f"Bearer {connection.bearer_token}"
+        self._http = httpx.AsyncClient(
+            base_url=connection.url.rstrip("/"),
+            headers=headers,
+            auth=connection.basic_auth,
+            verify=connection.verify(),
+            timeout=connection.timeout_s,
+        )
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def raw_samples(self, query: str, at_ms: int) -> list[Series]:
+        """Evaluate a range-selector ``query`` at ``at_ms``: the stored samples, untouched."""
+        form = {"query": query, "time": str(Decimal(at_ms).scaleb(-3))}
+        try:
+            response = await self._http.post("/api/v1/query", data=form)
+        except httpx.HTTPError as error:
+            raise PrometheusError(
+                f"Prometheus at {self.connection.url} is unreachable ({type(error).__name__}: {error}); "
+                "check spec.source.prometheus.url and that the agent's network policy allows it"
+            ) from error
+        if response.status_code in (401, 403):
+            raise PrometheusError(
+                f"Prometheus at {self.connection.url} refused the query ({response.status_code}); "
+                "check the bearer token / basic auth / headers configured for this meter"
+            )
+        try:
+            body = response.json()
+        except ValueError:
+            body = {}
+        if response.status_code in (400, 422) or body.get("errorType") in ("bad_data", "execution"):
+            raise PrometheusQueryError(
+                f"Prometheus rejected {query!r}: {body.get('error') or response.text[:300]}"
+            )
+        if response.status_code >= 400 or body.get("status") != "success":
+            raise PrometheusError(
+                f"Prometheus answered {response.status_code}: {body.get('error') or response.text[:300]}"
+            )
+        return parse_matrix(body)
