@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import urllib.request
+from pathlib import Path
 
 import pytest
 
-from tests.support.controlplane import ControlPlane, wait_for
+from tests.support.controlplane import REPO_ROOT, ControlPlane, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -192,9 +194,7 @@ def test_service_account_token_is_refused_what_its_role_does_not_grant(
         f"--serviceaccount={namespace}:reader",
     )
     token = cluster.kubectl("create", "token", "reader", "-n", namespace).stdout.strip()
-    from pathlib import Path
-
-    kubeconfig = Path(str(tmp_path)) / "reader.kubeconfig"
+    kubeconfig = tmp_path / "reader.kubeconfig"
     kubeconfig.write_text(cluster.kubeconfig_text(token=token, user="reader"))
 
     allowed = cluster.kubectl("get", "configmaps", "-n", namespace, kubeconfig=kubeconfig, check=False)
@@ -205,3 +205,38 @@ def test_service_account_token_is_refused_what_its_role_does_not_grant(
     assert f"system:serviceaccount:{namespace}:reader" in refused.value.stderr
     secrets = cluster.kubectl("get", "secrets", "-n", namespace, kubeconfig=kubeconfig, check=False)
     assert secrets.returncode != 0 and "forbidden" in secrets.stderr
+
+
+def test_a_killed_test_process_leaves_no_control_plane_process_behind(tmp_path: Path) -> None:
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from tests.support.controlplane import ControlPlane\n"
+        "plane = ControlPlane(Path(sys.argv[1]))\n"
+        "plane.start()\n"
+        "print(' '.join(str(c.process.pid) for c in plane.components), flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    runner = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path / "plane")],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert runner.stdout is not None
+    pids = [int(pid) for pid in runner.stdout.readline().split()]
+    assert len(pids) == 5, "etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok"
+    runner.kill()
+    runner.wait()
+
+    def all_gone() -> bool:
+        return not any(Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid) for pid in pids)
+
+    assert wait_for(all_gone, timeout_s=30, what="every component to exit with its parent")
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0].lower()
+    except (FileNotFoundError, IndexError):
+        return "zombie"
