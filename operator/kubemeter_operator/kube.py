@@ -87,18 +87,21 @@ class KubeApi:
         content_type: str = "application/json",
         query: Mapping[str, str] | None = None,
     ) -> Any:
-        response = self._api.call_api(
-            path,
-            method,
+        method, url, headers, body, _ = self._api.param_serialize(
+            method=method,
+            resource_path=path,
             query_params=list((query or {}).items()),
             header_params={"Content-Type": content_type, "Accept": "application/json"},
             body=body,
             auth_settings=["BearerToken"],
-            _preload_content=False,
-            _return_http_data_only=True,
-            _request_timeout=self._timeout,
         )
-        data = response.data
+        response = self._api.call_api(
+            method, url, header_params=headers, body=body, _request_timeout=self._timeout
+        )
+        data = response.read()
+        if not 200 <= response.status < 300:
+            text = data.decode(errors="replace") if isinstance(data, bytes) else str(data)
+            raise ApiException(status=response.status, reason=response.reason, body=text)
         return json.loads(data) if data else None
 
     def get(self, path: str) -> Any | None:

@@ -1,0 +1,1 @@
+"""kopf handlers, one module per kind; ``main.py`` registers them."""
