@@ -46,17 +46,23 @@ def _conditions_field() -> Any:
 
 
 class ReplicaCounts(SpecModel):
+    """Desired and ready pods."""
+
     desired: int = Field(default=0, ge=0, description="Pods that should run.")
     ready: int = Field(default=0, ge=0, description="Pods that are ready.")
 
 
 class BufferStats(SpecModel):
+    """Sum over the gateway replicas."""
+
     events: int = Field(default=0, ge=0, description="Events on the gateway volumes not yet delivered.")
     bytes: int = Field(default=0, ge=0, description="Bytes of those events.")
     oldest_event_age_seconds: float = Field(default=0, ge=0, description="Age of the oldest buffered event.")
 
 
 class CollectorStatus(SpecModel):
+    """What the operator and the gateways observed: agents, gateways, buffer and delivery."""
+
     observed_generation: int | None = Field(
         default=None, ge=0, description="metadata.generation this status describes."
     )
@@ -79,6 +85,8 @@ class CollectorStatus(SpecModel):
 
 
 class MeterStatus(SpecModel):
+    """Whether the Meter is valid and which Collectors run it."""
+
     observed_generation: int | None = Field(
         default=None, ge=0, description="metadata.generation this status describes."
     )
@@ -90,6 +98,8 @@ class MeterStatus(SpecModel):
 
 
 class PipelineStatus(SpecModel):
+    """Whether the Pipeline's references resolve and which Meters it binds."""
+
     observed_generation: int | None = Field(
         default=None, ge=0, description="metadata.generation this status describes."
     )

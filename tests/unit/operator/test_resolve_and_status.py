@@ -1,0 +1,140 @@
+"""What only the operator can know becomes a precise problem; statuses stay still when nothing changed."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from kubemeter_operator.resolve import ObjectView, resolve_namespace
+from kubemeter_operator.status import collector_status, meter_status, status_changed, transition_events
+
+NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+LATER = datetime(2024, 5, 1, 12, 5, tzinfo=UTC)
+
+
+def view(kind: str, name: str, spec: dict[str, Any], labels: dict[str, str] | None = None) -> ObjectView:
+    return ObjectView(kind, "ns", name, f"uid-{name}", 1, labels or {}, spec, {})
+
+
+def collector(name: str = "c", **output: Any) -> ObjectView:
+    return view("Collector", name, {"output": {"type": "openmeter", "url": "http://om", **output}})
+
+
+def meter(name: str, **spec: Any) -> ObjectView:
+    base = {"eventType": "e", "unit": "u", "source": {"allocation": {"resource": "cpu"}}}
+    return view("Meter", name, {**base, **spec}, labels={"plan": "compute"})
+
+
+def pipeline(name: str, **spec: Any) -> ObjectView:
+    return view("Pipeline", name, {"collectorRef": "c", **spec})
+
+
+def test_bound_meters_reach_the_collector_with_their_pipeline_processors() -> None:
+    result = resolve_namespace(
+        [collector()],
+        [pipeline("p", meterSelector={"matchLabels": {"plan": "compute"}}, processors=[{"drop": ["team"]}])],
+        [meter("a"), meter("b")],
+        {},
+    )
+    assert [m.name for m in result.collector_meters["c"]] == ["a", "b"]
+    assert result.collector_meters["c"][0].processors[0].drop == ["team"]
+    assert result.meter_collectors == {"a": ["c"], "b": ["c"]}
+    assert result.collector_problems["c"] == []
+
+
+def test_unknown_references_are_problems_that_name_the_fix() -> None:
+    result = resolve_namespace(
+        [collector()],
+        [pipeline("p", meters=["ghost"]), view("Pipeline", "q", {"collectorRef": "nope", "meters": ["a"]})],
+        [meter("a")],
+        {},
+    )
+    (missing_meter,) = result.pipeline_problems["p"]
+    assert missing_meter.reason == "MeterNotFound"
+    assert missing_meter.message == (
+        'Pipeline "p": spec.meters names Meter "ghost", which does not exist in namespace "ns"; '
+        "create it or remove it from spec.meters"
+    )
+    (missing_collector,) = result.pipeline_problems["q"]
+    assert missing_collector.reason == "CollectorNotFound"
+    assert 'names Collector "nope"' in missing_collector.message
+
+
+def test_a_missing_secret_degrades_the_collector() -> None:
+    result = resolve_namespace(
+        [collector(credentialsSecretRef={"name": "tok", "key": "k"})], [], [], {"tok": None}
+    )
+    (problem,) = result.collector_problems["c"]
+    assert problem.reason == "SecretNotFound"
+    assert 'Secret "tok", which does not exist in namespace "ns"; create it with key "k"' in problem.message
+    result = resolve_namespace(
+        [collector(credentialsSecretRef={"name": "tok", "key": "k"})], [], [], {"tok": frozenset({"other"})}
+    )
+    assert result.collector_problems["c"][0].reason == "SecretKeyNotFound"
+
+
+def test_a_cel_expression_with_an_unknown_name_leaves_its_meter_out() -> None:
+    broken = meter("bad", subject={"expression": "pods.metadata.name"})
+    result = resolve_namespace([collector()], [pipeline("p", meters=["a", "bad"])], [meter("a"), broken], {})
+    assert [m.name for m in result.collector_meters["c"]] == ["a"]
+    (problem,) = result.meter_problems["bad"]
+    assert problem.message == (
+        "Meter \"bad\": spec.subject.expression uses unknown name 'pods'; "
+        "it can use only pod, namespace, node"
+    )
+    assert result.collector_problems["c"][0].reason == "InvalidBinding"
+
+
+def test_a_processor_that_does_not_compile_is_reported() -> None:
+    result = resolve_namespace(
+        [collector()],
+        [pipeline("p", meters=["a"], processors=[{"filter": "event.data.value >"}])],
+        [meter("a")],
+        {},
+    )
+    (problem,) = result.pipeline_problems["p"]
+    assert problem.reason == "InvalidExpression"
+    assert problem.message.startswith('Pipeline "p": spec.processors[0].filter does not compile')
+
+
+def test_a_meter_bound_twice_to_one_collector_runs_once() -> None:
+    result = resolve_namespace(
+        [collector()], [pipeline("p", meters=["a"]), pipeline("q", meters=["a"])], [meter("a")], {}
+    )
+    assert len(result.collector_meters["c"]) == 1
+    assert result.pipeline_problems["q"][0].reason == "MeterBoundTwice"
+
+
+def test_unchanged_situation_yields_an_identical_status() -> None:
+    first = collector_status(
+        {}, 1, [], 1, 2, {"desired": 3, "ready": 3}, {"desired": 1, "ready": 1}, None, NOW
+    )
+    again = collector_status(
+        first, 1, [], 1, 2, {"desired": 3, "ready": 3}, {"desired": 1, "ready": 1}, None, LATER
+    )
+    assert again == first
+    assert not status_changed(first, again)
+    ready = {c["type"]: c for c in first["conditions"]}["Ready"]
+    assert ready == {
+        "type": "Ready",
+        "status": "True",
+        "reason": "Ready",
+        "message": "3 agents and 1 gateways ready",
+        "lastTransitionTime": "2024-05-01T12:00:00Z",
+        "observedGeneration": 1,
+    }
+
+
+def test_a_new_problem_posts_one_warning_and_its_fix_posts_a_recovery() -> None:
+    from kubemeter_operator.resolve import Problem
+
+    healthy = meter_status({}, 1, [], "allocation/cpu", ["c"], NOW)
+    broken = meter_status(
+        healthy, 2, [Problem("InvalidExpression", "fix it")], "allocation/cpu", ["c"], LATER
+    )
+    assert [(e.type, e.reason, e.message) for e in transition_events(healthy, broken)] == [
+        ("Warning", "InvalidExpression", "fix it")
+    ]
+    assert transition_events(broken, broken) == []
+    fixed = meter_status(broken, 3, [], "allocation/cpu", ["c"], LATER)
+    assert [e.reason for e in transition_events(broken, fixed)] == ["Recovered"]
