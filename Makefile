@@ -55,3 +55,6 @@ cluster-up: setup tools ## start the local control plane in the background; kube
 
 cluster-down: ## stop the local control plane and remove its state
 	@$(BIN)/python -m tests.support.controlplane down
+
+bench: setup ## every benchmark side by side; prints a table, writes bench/results/latest.json
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
