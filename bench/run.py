@@ -10,6 +10,7 @@ ratios measured in the same run, not absolute numbers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -49,14 +50,12 @@ def machine() -> dict[str, Any]:
     except FileNotFoundError:
         pass
     model = ""
-    try:
+    with contextlib.suppress(FileNotFoundError, StopIteration):
         model = next(
             line.split(":", 1)[1].strip()
             for line in Path("/proc/cpuinfo").read_text().splitlines()
             if line.startswith("model name")
         )
-    except (FileNotFoundError, StopIteration):
-        pass
     return {
         "cpus": os.cpu_count(),
         "cpu_model": model,
