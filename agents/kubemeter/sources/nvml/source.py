@@ -377,3 +377,25 @@ class NvmlSource:
             )
             for uid, device, attribution, by_window, gaps in state["usage"]
         }
+
+
+def build(
+    metric: NvmlMetric,
+    window_ms: int,
+    interval_ms: int,
+    not_before_ms: int,
+    socket_path: str,
+    pods: Callable[[], Mapping[str, PodRecord]],
+    on_error: Callable[[str, BaseException], None] = lambda source, error: None,
+) -> NvmlSource:
+    """What the agent's ``build_source`` calls for ``spec.source.nvml`` (host ``/proc`` at /proc)."""
+    return NvmlSource(
+        metric,
+        window_ms,
+        interval_ms,
+        not_before_ms,
+        NvmlEdge(),
+        PodResourcesClient(socket_path),
+        resolver_from_pods(pods),
+        on_error=on_error,
+    )

@@ -17,6 +17,7 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 from kubemeter.metering.windows import Window, window_containing
@@ -25,6 +26,7 @@ from kubemeter.sources.informer import Backoff, now_ms
 from kubemeter.sources.runai.client import (
     RunaiAuthError,
     RunaiClient,
+    RunaiCredentials,
     RunaiError,
     RunaiUnavailableError,
     parse_iso_ms,
@@ -204,3 +206,18 @@ class RunaiSource:
             self.cursor_ms = (
                 min(self.cursor_ms, int(state["cursor_ms"])) if self.fetched else int(state["cursor_ms"])
             )
+
+
+def read_credentials(credentials_dir: str) -> RunaiCredentials:
+    """The Secret mounted at ``credentials_dir``: keys ``clientId``/``clientSecret`` (or the older
+    ``appId``/``appSecret`` names of a Run:ai application)."""
+    directory = Path(credentials_dir)
+    for id_key, secret_key in (("clientId", "clientSecret"), ("appId", "appSecret")):
+        if (directory / id_key).exists() and (directory / secret_key).exists():
+            return RunaiCredentials(
+                (directory / id_key).read_text().strip(), (directory / secret_key).read_text().strip()
+            )
+    raise RunaiAuthError(
+        f"no Run:ai credentials in {credentials_dir}: the Secret named by "
+        "spec.source.runai.credentialsSecretRef needs keys clientId and clientSecret"
+    )
