@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: help setup tools test test-unit test-integration test-gpu lint crds cluster-up cluster-down demo bench chaos
+.PHONY: help setup tools test test-unit test-integration test-gpu lint crds cluster-up cluster-down demo bench
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 20
@@ -58,3 +58,6 @@ cluster-down: ## stop the local control plane and remove its state
 
 bench: setup ## every benchmark side by side; prints a table, writes bench/results/latest.json
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+demo: setup tools ## the main job on local defaults: cluster, operator, agents, gateway, sink, then a chargeback table
+	$(BIN)/python -m demo.run $(DEMO_ARGS)

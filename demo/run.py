@@ -1,0 +1,507 @@
+"""``make demo``: kubemeter end to end on this machine, then a chargeback table.
+
+It brings up the local control plane (etcd, kube-apiserver, controllers, kwok nodes), installs the
+CRDs, runs the operator, a gateway, one agent per fake node and ``kubemeter sink`` as local processes,
+applies ``examples/gpu-chargeback.yaml`` (its output pointed at the local sink), starts GPU, CPU and
+memory workloads for three teams, lets them run, ends them, waits for every window to reach the sink
+and prints the chargeback table next to the ground truth computed from the pods' own timestamps.
+
+Local stand-ins, and only these: the agents and the gateway run as processes rather than pods (kwok
+nodes run no containers), so each gets the configuration the operator rendered into the Collector's
+ConfigMap with local paths and ports substituted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kubemeter.config import AgentConfig, GatewayConfig
+from tests.support.controlplane import REPO_ROOT, ControlPlane, free_port, wait_for
+
+NAMESPACE = "kubemeter"
+EXAMPLE = REPO_ROOT / "examples" / "gpu-chargeback.yaml"
+GRACE_S = 30  # the default terminationGracePeriodSeconds: deletionTimestamp = request + grace
+
+TEAMS = {"team-a": "acme", "team-b": "globex", "team-c": "initech"}
+GPU_PRICE_PER_HOUR = {"NVIDIA-H100-80GB-HBM3": Decimal("2.50"), "NVIDIA-H200": Decimal("3.40")}
+CPU_CORE_HOUR = Decimal("0.04")
+MEMORY_GIB_HOUR = Decimal("0.005")
+
+
+@dataclass(frozen=True)
+class Workload:
+    namespace: str
+    name: str
+    requests: dict[str, str]
+    node_selector: dict[str, str]
+    run_s: int | None  # None: runs until the demo ends it
+
+
+def workloads() -> list[Workload]:
+    h100 = {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    h200 = {"nvidia.com/gpu.product": "NVIDIA-H200"}
+    cpu = {"kubernetes.io/hostname": "kwok-cpu-0"}
+    return [
+        Workload(
+            "team-a", "train-llm-0", {"nvidia.com/gpu": "8", "cpu": "64", "memory": "512Gi"}, h100, None
+        ),
+        Workload(
+            "team-a", "train-llm-1", {"nvidia.com/gpu": "8", "cpu": "64", "memory": "512Gi"}, h100, None
+        ),
+        Workload("team-a", "eval-short", {"nvidia.com/gpu": "1", "cpu": "4", "memory": "16Gi"}, h200, 7),
+        Workload("team-b", "infer-0", {"nvidia.com/gpu": "1", "cpu": "8", "memory": "64Gi"}, h200, None),
+        Workload("team-b", "infer-1", {"nvidia.com/gpu": "1", "cpu": "8", "memory": "64Gi"}, h200, None),
+        Workload("team-b", "batch-short", {"nvidia.com/gpu": "2", "cpu": "2", "memory": "8Gi"}, h200, 20),
+        Workload("team-b", "api", {"cpu": "4", "memory": "8Gi"}, cpu, None),
+        Workload("team-c", "etl", {"cpu": "12", "memory": "48Gi"}, cpu, None),
+        Workload("team-c", "notebook", {"cpu": "2", "memory": "16Gi"}, cpu, 45),
+    ]
+
+
+@dataclass
+class Demo:
+    state: Path
+    out: Path
+    run_s: int
+    plane: ControlPlane | None = None
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    sink_url: str = ""
+    held: dict[str, dict[str, Any]] = field(default_factory=dict)  # pod -> bound/released/requests
+
+    # ---- output ----------------------------------------------------------------------------------
+    def say(self, message: str) -> None:
+        print(f"[{datetime.now(tz=UTC).strftime('%H:%M:%S')}] {message}", flush=True)
+
+    # ---- processes -------------------------------------------------------------------------------
+    def spawn(self, name: str, *args: str, env: dict[str, str] | None = None) -> None:
+        log = (self.state / "logs").joinpath(f"{name}.log").open("ab")
+        self.processes[name] = subprocess.Popen(
+            [sys.executable, "-m", "kubemeter_cli", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            cwd=REPO_ROOT,
+            start_new_session=True,
+        )
+        log.close()
+
+    def check_processes(self) -> None:
+        for name, process in self.processes.items():
+            if process.poll() is not None:
+                log = (self.state / "logs" / f"{name}.log").read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"{name} exited with {process.returncode}:\n{log}")
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+        if self.plane is not None:
+            self.plane.stop()
+
+    # ---- steps -----------------------------------------------------------------------------------
+    def kubectl(self, *args: str, input: str | None = None) -> str:
+        assert self.plane is not None
+        return self.plane.kubectl(*args, input=input).stdout
+
+    def start_cluster(self) -> None:
+        shutil.rmtree(self.state, ignore_errors=True)
+        (self.state / "logs").mkdir(parents=True)
+        self.say("starting the local control plane (etcd, kube-apiserver, controllers, kwok nodes)")
+        self.plane = ControlPlane(self.state / "cluster")
+        self.plane.start()
+        nodes = ", ".join(node.name for node in self.plane.nodes)
+        self.say(f"control plane up in {self.plane.timings_s['start']:.1f} s; nodes: {nodes}")
+        for crd in sorted((REPO_ROOT / "crds").glob("*.yaml")):
+            self.kubectl("apply", "--server-side", "-f", str(crd))
+        self.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
+        self.say("CRDs installed: Meter, Collector, Pipeline")
+
+    def start_sink(self) -> None:
+        port = free_port()
+        self.spawn(
+            "sink", "sink", "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(self.state / "sink")
+        )
+        self.sink_url = f"http://127.0.0.1:{port}"
+        wait_for(
+            lambda: self._get(f"{self.sink_url}/healthz") is not None, timeout_s=30, what="kubemeter sink"
+        )
+        self.say(f"billing sink (kubemeter sink) listening on {self.sink_url}")
+
+    def apply_example(self) -> None:
+        self.kubectl("create", "namespace", NAMESPACE)
+        documents = list(yaml.safe_load_all(EXAMPLE.read_text()))
+        self.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=yaml.safe_dump_all(documents))
+        self.say(f"applied {EXAMPLE.relative_to(REPO_ROOT)} in namespace {NAMESPACE}")
+
+    def start_operator(self) -> None:
+        assert self.plane is not None
+        self.spawn(
+            "operator",
+            "operator",
+            "--standalone",
+            "--liveness-port",
+            "0",
+            "--metrics-port",
+            "0",
+            env={"KUBECONFIG": str(self.plane.kubeconfig)},
+        )
+        config_map = wait_for(
+            self._rendered_config, timeout_s=90, what="the operator to render the Collector"
+        )
+        self.say("operator reconciled the Collector: RBAC, ConfigMap, agent DaemonSet, gateway StatefulSet")
+        self._start_gateway(GatewayConfig.from_yaml(config_map["data"]["gateway.yaml"]))
+        self._start_agents(config_map["data"]["agent.yaml"])
+
+    def _rendered_config(self) -> dict[str, Any] | None:
+        self.check_processes()
+        items = json.loads(self.kubectl("get", "configmaps", "-n", NAMESPACE, "-o", "json"))["items"]
+        return next((c for c in items if "agent.yaml" in (c.get("data") or {})), None)
+
+    def _start_gateway(self, config: GatewayConfig) -> None:
+        port = free_port()
+        token_file = self.state / "billing-token"
+        token_file.write_text("replace-me\n")
+        local = config.model_copy(
+            update={
+                "output": config.output.model_copy(update={"url": self.sink_url}),
+                "credentials_file": str(token_file),
+                "data_dir": str(self.state / "gateway"),
+                "listen_address": f"127.0.0.1:{port}",
+            }
+        )
+        path = self.state / "gateway.yaml"
+        path.write_text(local.to_yaml())
+        self.spawn("gateway", "gateway", "--config", str(path))
+        self.gateway_url = f"http://127.0.0.1:{port}"
+        wait_for(
+            lambda: self._get(f"{self.gateway_url}/readyz") is not None, timeout_s=30, what="the gateway"
+        )
+        self.say(f"gateway up on {self.gateway_url} (queue on {local.data_dir}), delivering to the sink")
+
+    def _start_agents(self, agent_yaml: str) -> None:
+        assert self.plane is not None
+        config = AgentConfig.from_yaml(agent_yaml)
+        for node in self.plane.nodes:
+            directory = self.state / "agents" / node.name
+            local = config.model_copy(
+                update={
+                    "gateway_url": self.gateway_url,
+                    "spool_dir": str(directory / "spool"),
+                    "checkpoint_dir": str(directory / "checkpoints"),
+                    "metrics_port": free_port(),
+                }
+            )
+            directory.mkdir(parents=True)
+            (directory / "agent.yaml").write_text(local.to_yaml())
+            self.spawn(
+                f"agent-{node.name}",
+                "agent",
+                "--config",
+                str(directory / "agent.yaml"),
+                "--node-name",
+                node.name,
+                "--kubeconfig",
+                str(self.plane.kubeconfig),
+            )
+        meters = ", ".join(meter.name for meter in config.meters)
+        self.say(f"{len(self.plane.nodes)} agents metering {meters}")
+
+    def start_workloads(self) -> list[Workload]:
+        for namespace, customer in TEAMS.items():
+            self.kubectl("create", "namespace", namespace)
+            self.kubectl("label", "namespace", namespace, f"billing.kubemeter.io/customer={customer}")
+        chosen = workloads()
+        for workload in chosen:
+            pod = {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {
+                    "name": workload.name,
+                    "namespace": workload.namespace,
+                    "labels": {"team": workload.namespace},
+                },
+                "spec": {
+                    "nodeSelector": workload.node_selector,
+                    "containers": [
+                        {
+                            "name": "main",
+                            "image": "registry.local/workload:1",
+                            "resources": {"requests": workload.requests, "limits": workload.requests},
+                        }
+                    ],
+                },
+            }
+            self.kubectl("apply", "-f", "-", input=json.dumps(pod))
+        self.say(f"started {len(chosen)} workloads for {', '.join(f'{n} ({c})' for n, c in TEAMS.items())}")
+        return chosen
+
+    def end_pod(self, workload: Workload) -> None:
+        """Delete through the API and keep what it returns: the deletion request time is the release."""
+        assert self.plane is not None
+        path = f"/api/v1/namespaces/{workload.namespace}/pods/{workload.name}"
+        running = json.loads(self.kubectl("get", "--raw", path))
+        deleted = json.loads(self.kubectl("delete", "--raw", path))
+        bound = next(
+            c["lastTransitionTime"] for c in running["status"]["conditions"] if c["type"] == "PodScheduled"
+        )
+        deletion = _parse(deleted["metadata"]["deletionTimestamp"])
+        grace_s = int(deleted["metadata"].get("deletionGracePeriodSeconds", GRACE_S))
+        self.held[f"{workload.namespace}/{workload.name}"] = {
+            "namespace": workload.namespace,
+            "node": running["spec"]["nodeName"],
+            "bound": _parse(bound),
+            "released": deletion - grace_s,
+            "requests": workload.requests,
+        }
+
+    def run_workloads(self, chosen: list[Workload]) -> None:
+        wait_for(lambda: self._all_running(chosen), timeout_s=90, what="every workload to be Running")
+        started = time.monotonic()
+        pending = sorted((w for w in chosen if w.run_s is not None), key=lambda w: w.run_s or 0)
+        while time.monotonic() - started < self.run_s:
+            self.check_processes()
+            elapsed = time.monotonic() - started
+            for workload in [w for w in pending if (w.run_s or 0) <= elapsed]:
+                self.end_pod(workload)
+                pending.remove(workload)
+                self.say(f"short job {workload.namespace}/{workload.name} ended after {workload.run_s} s")
+            self.progress(f"running {int(elapsed)}/{self.run_s} s")
+            time.sleep(5)
+        for workload in pending + [w for w in chosen if w.run_s is None]:
+            self.end_pod(workload)
+        self.say("workloads ended; waiting for the last windows to close and reach the sink")
+
+    def _all_running(self, chosen: list[Workload]) -> bool:
+        self.check_processes()
+        for namespace in TEAMS:
+            pods = json.loads(self.kubectl("get", "pods", "-n", namespace, "-o", "json"))["items"]
+            if sum(1 for p in pods if p["status"].get("phase") == "Running") < sum(
+                1 for w in chosen if w.namespace == namespace
+            ):
+                return False
+        return True
+
+    def progress(self, prefix: str) -> None:
+        stats = self._get(f"{self.sink_url}/_sink/stats") or {}
+        gateway = self._get(f"{self.gateway_url}/status") or {}
+        self.say(f"{prefix}; sink has {stats.get('events', stats)} events; gateway buffer {gateway}")
+
+    def wait_for_delivery(self) -> None:
+        """Every meter's last window closes at the next boundary after the last release; then the
+        agents' interval and the gateway's batch delay pass."""
+        window_s = 60
+        last_release = max(h["released"] for h in self.held.values())
+        closes_at = (int(last_release) // window_s + 1) * window_s
+        while time.time() < closes_at + 40:
+            self.check_processes()
+            self.progress(f"final windows close in {max(0, int(closes_at - time.time()))} s")
+            time.sleep(5)
+        previous: Any = None
+        for _ in range(60):
+            current = self._get(f"{self.sink_url}/_sink/stats")
+            if current == previous:
+                return
+            previous = current
+            time.sleep(3)
+
+    # ---- report ----------------------------------------------------------------------------------
+    def report(self) -> dict[str, Any]:
+        truth = ground_truth(
+            self.held, {n.name: n.labels.get("nvidia.com/gpu.product", "") for n in self.plane.nodes}
+        )
+        metered = self.metered()
+        rows = chargeback_rows(metered)
+        print()
+        print(render_table(rows, truth))
+        self.out.mkdir(parents=True, exist_ok=True)
+        summary = {"rows": rows, "ground_truth": truth, "sink": self.sink_url}
+        (self.out / "chargeback.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        with contextlib.suppress(FileNotFoundError, subprocess.CalledProcessError):
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "kubemeter_cli",
+                    "report",
+                    "--url",
+                    self.sink_url,
+                    "--format",
+                    "html",
+                    "--output",
+                    str(self.out / "report.html"),
+                ],
+                check=True,
+                capture_output=True,
+                timeout=60,
+            )
+            self.say(f"HTML report with a chart: {self.out / 'report.html'}")
+        self.say(f"table as JSON: {self.out / 'chargeback.json'}")
+        return summary
+
+    def metered(self) -> list[dict[str, Any]]:
+        query = urllib.parse.urlencode(
+            [("groupBy", "subject"), ("groupBy", "type"), ("groupBy", "gpu_model")], doseq=True
+        )
+        body = self._get(f"{self.sink_url}/api/v1/usage?{query}")
+        assert body is not None, "the sink did not answer the usage query"
+        rows: list[dict[str, Any]] = body["data"] if isinstance(body, dict) else body
+        return rows
+
+    def _get(self, url: str) -> Any:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                text = response.read().decode()
+        except OSError:
+            return None
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
+
+
+def _parse(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def _quantity(text: str) -> Decimal:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "m": Decimal("0.001")}
+    for suffix, factor in units.items():
+        if text.endswith(suffix):
+            return Decimal(text[: -len(suffix)]) * Decimal(factor)
+    return Decimal(text)
+
+
+def ground_truth(held: dict[str, dict[str, Any]], gpu_model_by_node: dict[str, str]) -> dict[str, Decimal]:
+    """Resource-seconds per (customer, meter, gpu model), straight from the pods' timestamps."""
+    totals: dict[str, Decimal] = {}
+    for pod in held.values():
+        seconds = Decimal(int(pod["released"]) - int(pod["bound"]))
+        customer = TEAMS[pod["namespace"]]
+        for resource, meter in (
+            ("nvidia.com/gpu", "gpu-seconds"),
+            ("cpu", "cpu-core-seconds"),
+            ("memory", "memory-byte-seconds"),
+        ):
+            if resource not in pod["requests"]:
+                continue
+            model = gpu_model_by_node[pod["node"]] if meter == "gpu-seconds" else ""
+            key = f"{customer}|{meter}|{model}"
+            totals[key] = totals.get(key, Decimal(0)) + _quantity(pod["requests"][resource]) * seconds
+    return totals
+
+
+def chargeback_rows(metered: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for row in metered:
+        meter, value = row.get("type", ""), Decimal(str(row.get("value", 0)))
+        model = (row.get("groupBy") or row).get("gpu_model") or ""
+        if meter == "gpu-seconds":
+            amount, unit = value / 3600, "GPU-hours"
+            cost = amount * GPU_PRICE_PER_HOUR.get(model, Decimal("2.00"))
+        elif meter == "cpu-core-seconds":
+            amount, unit, cost = value / 3600, "core-hours", value / 3600 * CPU_CORE_HOUR
+            model = ""
+        elif meter == "memory-byte-seconds":
+            amount, unit = value / 2**30 / 3600, "GiB-hours"
+            cost, model = amount * MEMORY_GIB_HOUR, ""
+        else:
+            continue
+        rows.append(
+            {
+                "subject": row.get("subject", ""),
+                "meter": meter,
+                "gpu_model": model,
+                "value": value,
+                "amount": amount,
+                "unit": unit,
+                "cost_usd": cost,
+            }
+        )
+    return sorted(rows, key=lambda r: (r["subject"], r["meter"], r["gpu_model"]))
+
+
+def render_table(rows: list[dict[str, Any]], truth: dict[str, Decimal]) -> str:
+    header = f"{'customer':<10} {'meter':<20} {'gpu model':<22} {'amount':>12} {'unit':<10} {'cost USD':>10}  ground truth"
+    lines = [header, "-" * len(header)]
+    total = Decimal(0)
+    for row in rows:
+        key = f"{row['subject']}|{row['meter']}|{row['gpu_model']}"
+        expected = truth.get(key)
+        verdict = "exact" if expected is not None and expected == row["value"] else f"expected {expected}"
+        lines.append(
+            f"{row['subject']:<10} {row['meter']:<20} {row['gpu_model'] or '-':<22} "
+            f"{row['amount']:>12.4f} {row['unit']:<10} {row['cost_usd']:>10.2f}  {verdict}"
+        )
+        total += row["cost_usd"]
+    lines.append("-" * len(header))
+    lines.append(f"{'total':<66} {total:>10.2f}")
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def interrupted_cleanly(demo: Demo) -> Iterator[None]:
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        yield
+    except KeyboardInterrupt:
+        demo.say("interrupted; tearing down")
+        raise SystemExit(130) from None
+    finally:
+        demo.stop()
+        demo.say("stopped every process; state left in " + str(demo.state))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="make demo")
+    parser.add_argument(
+        "--seconds",
+        type=int,
+        default=int(os.environ.get("KUBEMETER_DEMO_SECONDS", "90")),
+        help="how long the long-running workloads run",
+    )
+    parser.add_argument("--state", type=Path, default=REPO_ROOT / ".state" / "demo")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "demo-out")
+    args = parser.parse_args(argv)
+    demo = Demo(args.state.resolve(), args.out.resolve(), args.seconds)
+    with interrupted_cleanly(demo):
+        demo.start_cluster()
+        demo.start_sink()
+        demo.apply_example()
+        demo.start_operator()
+        chosen = demo.start_workloads()
+        demo.run_workloads(chosen)
+        demo.wait_for_delivery()
+        summary = demo.report()
+    mismatched = [
+        r
+        for r in summary["rows"]
+        if summary["ground_truth"].get(f"{r['subject']}|{r['meter']}|{r['gpu_model']}") != r["value"]
+    ]
+    return 1 if mismatched or not summary["rows"] else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
