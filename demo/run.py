@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
 from kubemeter.config import AgentConfig, GatewayConfig
+
 from tests.support.controlplane import REPO_ROOT, ControlPlane, free_port, wait_for
 
 NAMESPACE = "kubemeter"
@@ -444,7 +444,10 @@ def chargeback_rows(metered: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def render_table(rows: list[dict[str, Any]], truth: dict[str, Decimal]) -> str:
-    header = f"{'customer':<10} {'meter':<20} {'gpu model':<22} {'amount':>12} {'unit':<10} {'cost USD':>10}  ground truth"
+    header = (
+        f"{'customer':<10} {'meter':<20} {'gpu model':<22} {'amount':>12} {'unit':<10} {'cost USD':>10}"
+        "  ground truth"
+    )
     lines = [header, "-" * len(header)]
     total = Decimal(0)
     for row in rows:
