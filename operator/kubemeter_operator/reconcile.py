@@ -92,8 +92,9 @@ class Reconciler:
         resolution = resolve_namespace(snapshot.collectors, snapshot.pipelines, snapshot.meters, secrets)
         now = now_utc()
 
+        writes = 0
         if any(not collector.deleting for collector in snapshot.collectors):
-            self.api.apply(get_agent_cluster_role())
+            writes += self.api.apply(get_agent_cluster_role())
         for collector in snapshot.collectors:
             if collector.deleting:
                 continue
@@ -111,7 +112,7 @@ class Reconciler:
                 )
                 try:
                     for child in children:
-                        self.api.apply(child)
+                        writes += self.api.apply(child)
                 except ApiException as error:
                     problems.insert(0, _apply_problem(collector.name, error))
                 if refresh:
@@ -156,6 +157,7 @@ class Reconciler:
             self._write_status(meter, desired)
 
         self._count_degraded(namespace, snapshot, resolution.collector_problems)
+        log.info("namespace %s reconciled: %d child writes (refresh=%s)", namespace, writes, refresh)
         RECONCILE_SECONDS.observe(time.monotonic() - started)
         RECONCILES.labels(outcome="success").inc()
 

@@ -1,0 +1,370 @@
+"""The operator on the real control plane: children, config updates, problems in status, restarts
+without writes, and deletion per buffer.onDelete."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.integration.operator.conftest import REPO_ROOT, OperatorProcess, condition, get
+from tests.support.controlplane import ControlPlane, wait_for
+
+pytestmark = pytest.mark.integration
+
+EXAMPLE = REPO_ROOT / "examples" / "gpu-chargeback.yaml"
+COLLECTOR = "chargeback"
+OWNED_KINDS: tuple[str, ...] = (
+    "serviceaccounts",
+    "configmaps",
+    "services",
+    "daemonsets",
+    "statefulsets",
+    "poddisruptionbudgets",
+)
+OWNED_KINDS += ("roles", "rolebindings")
+
+
+def apply(cluster: ControlPlane, namespace: str, text: str) -> None:
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=text)
+
+
+def apply_example(cluster: ControlPlane, namespace: str) -> None:
+    apply(cluster, namespace, Path(EXAMPLE).read_text())
+
+
+def wait_ready(cluster: ControlPlane, namespace: str, kind: str, name: str, timeout_s: float = 90) -> Any:
+    def ready() -> Any:
+        obj = get(cluster, "-n", namespace, kind, name)
+        return obj if condition(obj, "Ready").get("status") == "True" else None
+
+    return wait_for(ready, timeout_s=timeout_s, what=f"{kind}/{name} Ready in {namespace}")
+
+
+def wait_condition(
+    cluster: ControlPlane, namespace: str, kind: str, name: str, condition_type: str, reason: str
+) -> dict[str, Any]:
+    def reached() -> dict[str, Any] | None:
+        found = condition(get(cluster, "-n", namespace, kind, name), condition_type)
+        return found if found.get("reason") == reason else None
+
+    result: dict[str, Any] = wait_for(reached, timeout_s=60, what=f"{kind}/{name} {condition_type}={reason}")
+    return result
+
+
+def agent_config(cluster: ControlPlane, namespace: str) -> dict[str, Any]:
+    config_map = get(cluster, "-n", namespace, "configmap", f"{COLLECTOR}-config")
+    loaded: dict[str, Any] = yaml.safe_load(config_map["data"]["agent.yaml"])
+    return loaded
+
+
+def resource_versions(cluster: ControlPlane, namespace: str) -> dict[str, str]:
+    versions: dict[str, str] = {}
+    for kind in (*OWNED_KINDS, "collectors", "meters", "pipelines"):
+        listed = json.loads(cluster.kubectl("get", kind, "-n", namespace, "-o", "json").stdout)
+        for item in listed["items"]:
+            versions[f"{kind}/{item['metadata']['name']}"] = item["metadata"]["resourceVersion"]
+    binding = get(cluster, "clusterrolebinding", f"kubemeter-agent-{namespace}-{COLLECTOR}")
+    versions["clusterrolebinding"] = binding["metadata"]["resourceVersion"]
+    return versions
+
+
+def test_example_children_exist_with_owner_labels_rbac_mounts_and_config(
+    cluster: ControlPlane, operator: OperatorProcess, namespace: str
+) -> None:
+    apply_example(cluster, namespace)
+    collector = wait_ready(cluster, namespace, "collector", COLLECTOR)
+    uid = collector["metadata"]["uid"]
+    assert collector["status"]["observedGeneration"] == collector["metadata"]["generation"]
+    assert collector["status"]["agents"]["desired"] == len(cluster.nodes)
+    assert collector["status"]["agents"]["ready"] == collector["status"]["agents"]["desired"]
+    assert collector["status"]["meters"] == 3
+    assert condition(collector, "Degraded")["status"] == "False"
+
+    for kind in OWNED_KINDS:
+        items = json.loads(
+            cluster.kubectl("get", kind, "-n", namespace, "-l", "kubemeter.io/collector", "-o", "json").stdout
+        )
+        assert items["items"], f"no {kind}"
+        for item in items["items"]:
+            (owner,) = item["metadata"]["ownerReferences"]
+            assert owner["uid"] == uid and owner["kind"] == "Collector" and owner["controller"] is True
+            assert item["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "kubemeter-operator"
+
+    binding = get(cluster, "clusterrolebinding", f"kubemeter-agent-{namespace}-{COLLECTOR}")
+    assert binding["roleRef"]["name"] == "kubemeter-agent"
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": f"{COLLECTOR}-agent", "namespace": namespace}
+    ]
+    can_list_pods = cluster.kubectl(
+        "auth",
+        "can-i",
+        "list",
+        "pods",
+        f"--as=system:serviceaccount:{namespace}:{COLLECTOR}-agent",
+        check=False,
+    )
+    assert can_list_pods.stdout.strip() == "yes"
+    can_read_secrets = cluster.kubectl(
+        "auth",
+        "can-i",
+        "get",
+        "secrets",
+        "-n",
+        namespace,
+        f"--as=system:serviceaccount:{namespace}:{COLLECTOR}-agent",
+        check=False,
+    )
+    assert can_read_secrets.stdout.strip() == "no"
+
+    config = agent_config(cluster, namespace)
+    assert config["cluster"] == "it" and config["namespace"] == namespace
+    assert [meter["name"] for meter in config["meters"]] == [
+        "cpu-core-seconds",
+        "gpu-seconds",
+        "memory-byte-seconds",
+    ]
+    assert config["meters"][1]["processors"][2] == {"drop": ["team"]}
+    daemonset = get(cluster, "-n", namespace, "daemonset", f"{COLLECTOR}-agent")
+    mounts = {
+        m["name"]: m["mountPath"]
+        for m in daemonset["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+    }
+    assert mounts["config"] == "/etc/kubemeter/config" and mounts["state"] == "/var/lib/kubemeter"
+    statefulset = get(cluster, "-n", namespace, "statefulset", f"{COLLECTOR}-gateway")
+    assert statefulset["spec"]["persistentVolumeClaimRetentionPolicy"]["whenDeleted"] == "Retain"
+    wait_for(
+        lambda: (
+            len(json.loads(cluster.kubectl("get", "pvc", "-n", namespace, "-o", "json").stdout)["items"]) == 2
+        ),
+        what="2 gateway PVCs",
+    )
+    for meter in ("gpu-seconds", "cpu-core-seconds", "memory-byte-seconds"):
+        status = wait_ready(cluster, namespace, "meter", meter)["status"]
+        assert status["collectors"] == [COLLECTOR]
+    assert wait_ready(cluster, namespace, "pipeline", "compute")["status"]["meterCount"] == 3
+
+
+def test_a_meter_edit_reaches_the_config_map_without_touching_the_agents(
+    cluster: ControlPlane, operator: OperatorProcess, namespace: str
+) -> None:
+    apply_example(cluster, namespace)
+    wait_ready(cluster, namespace, "collector", COLLECTOR)
+    daemonset_before = get(cluster, "-n", namespace, "daemonset", f"{COLLECTOR}-agent")["metadata"][
+        "generation"
+    ]
+    cluster.kubectl(
+        "patch",
+        "-n",
+        namespace,
+        "meter",
+        "gpu-seconds",
+        "--type=merge",
+        "-p",
+        '{"spec":{"windowSeconds":300}}',
+    )
+
+    def edited() -> bool:
+        meters = {meter["name"]: meter for meter in agent_config(cluster, namespace)["meters"]}
+        return bool(meters["gpu-seconds"]["spec"]["windowSeconds"] == 300)
+
+    wait_for(edited, timeout_s=30, what="windowSeconds 300 in agent.yaml")
+    daemonset_after = get(cluster, "-n", namespace, "daemonset", f"{COLLECTOR}-agent")["metadata"][
+        "generation"
+    ]
+    assert daemonset_after == daemonset_before
+
+    # unbinding a Meter (label change) removes it from the rendered config
+    cluster.kubectl(
+        "label",
+        "-n",
+        namespace,
+        "meter",
+        "cpu-core-seconds",
+        "billing.kubemeter.io/plan=other",
+        "--overwrite",
+    )
+    wait_for(
+        lambda: "cpu-core-seconds" not in [m["name"] for m in agent_config(cluster, namespace)["meters"]],
+        timeout_s=30,
+        what="cpu-core-seconds unbound",
+    )
+    wait_condition(cluster, namespace, "meter", "cpu-core-seconds", "Ready", "NotBound")
+
+
+def test_operator_restart_converges_without_writes(
+    cluster: ControlPlane, operator: OperatorProcess, namespace: str
+) -> None:
+    apply_example(cluster, namespace)
+    wait_ready(cluster, namespace, "collector", COLLECTOR)
+    wait_ready(cluster, namespace, "pipeline", "compute")
+    # settled: a resync (refresh) pass wrote nothing
+    marker = f"namespace {namespace} reconciled: 0 child writes (refresh=True)"
+    start = len(operator.log_text())
+    wait_for(lambda: marker in operator.log_text()[start:], timeout_s=30, what="a quiet resync")
+    before = resource_versions(cluster, namespace)
+
+    operator.restart()
+    start = 0 if marker not in operator.log_text() else len(operator.log_text())
+    wait_for(
+        lambda: f"namespace {namespace} reconciled:" in operator.log_text()[start:],
+        timeout_s=60,
+        what="reconcile after restart",
+    )
+    wait_for(lambda: marker in operator.log_text()[start:], timeout_s=30, what="a quiet resync after restart")
+    assert resource_versions(cluster, namespace) == before
+    assert f"namespace {namespace} reconciled: 0 child writes" in operator.log_text()[start:]
+
+
+PROBLEMS: list[tuple[str, str, str, str, str, str]] = [
+    # (case, manifest, kind, name, reason, message fragment)
+    (
+        "missing-secret",
+        "apiVersion: kubemeter.io/v1alpha1\nkind: Collector\nmetadata: {name: c}\nspec:\n  output:\n"
+        "    type: openmeter\n    url: http://om\n    credentialsSecretRef: {name: nope, key: token}\n",
+        "collector",
+        "c",
+        "SecretNotFound",
+        'names Secret "nope", which does not exist in namespace',
+    ),
+    (
+        "unknown-collector",
+        "apiVersion: kubemeter.io/v1alpha1\nkind: Pipeline\nmetadata: {name: p}\nspec: {collectorRef: ghost, meters: [m]}\n",
+        "pipeline",
+        "p",
+        "CollectorNotFound",
+        'spec.collectorRef names Collector "ghost", which does not exist',
+    ),
+    (
+        "unknown-meter",
+        "apiVersion: kubemeter.io/v1alpha1\nkind: Collector\nmetadata: {name: c}\nspec:\n  output: {type: openmeter, url: 'http://om'}\n"
+        "---\napiVersion: kubemeter.io/v1alpha1\nkind: Pipeline\nmetadata: {name: p}\nspec: {collectorRef: c, meters: [ghost]}\n",
+        "pipeline",
+        "p",
+        "MeterNotFound",
+        'spec.meters names Meter "ghost", which does not exist',
+    ),
+    (
+        "cel-does-not-compile",
+        "apiVersion: kubemeter.io/v1alpha1\nkind: Meter\nmetadata: {name: m}\nspec:\n  eventType: e\n  unit: u\n"
+        "  source: {allocation: {resource: cpu}}\n  subject: {expression: 'namespace.metadata.name +'}\n",
+        "meter",
+        "m",
+        "InvalidExpression",
+        "spec.subject.expression does not compile",
+    ),
+    (
+        "cel-unknown-variable",
+        "apiVersion: kubemeter.io/v1alpha1\nkind: Collector\nmetadata: {name: c}\nspec:\n  output: {type: openmeter, url: 'http://om'}\n"
+        "---\napiVersion: kubemeter.io/v1alpha1\nkind: Meter\nmetadata: {name: m}\nspec:\n  eventType: e\n  unit: u\n"
+        "  source: {allocation: {resource: cpu}}\n---\napiVersion: kubemeter.io/v1alpha1\nkind: Pipeline\n"
+        "metadata: {name: p}\nspec:\n  collectorRef: c\n  meters: [m]\n  processors: [{filter: 'evnt.data.value > 0.0'}]\n",
+        "pipeline",
+        "p",
+        "InvalidExpression",
+        "uses unknown name 'evnt'; it can use only event",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "manifest", "kind", "name", "reason", "message"), PROBLEMS, ids=[case[0] for case in PROBLEMS]
+)
+def test_what_only_the_operator_knows_is_degraded_with_an_event(
+    cluster: ControlPlane,
+    operator: OperatorProcess,
+    namespace: str,
+    case: str,
+    manifest: str,
+    kind: str,
+    name: str,
+    reason: str,
+    message: str,
+) -> None:
+    apply(cluster, namespace, manifest)
+    degraded = wait_condition(cluster, namespace, kind, name, "Degraded", reason)
+    assert degraded["status"] == "True"
+    assert message in degraded["message"], degraded["message"]
+
+    def warned() -> bool:
+        events = json.loads(cluster.kubectl("get", "events", "-n", namespace, "-o", "json").stdout)["items"]
+        return any(
+            e["reason"] == reason and e["type"] == "Warning" and message in e["message"] for e in events
+        )
+
+    wait_for(warned, timeout_s=30, what=f"a Warning Event {reason}")
+    assert operator.healthy()
+
+
+def test_a_missing_secret_recovers_when_created(
+    cluster: ControlPlane, operator: OperatorProcess, namespace: str
+) -> None:
+    apply(cluster, namespace, PROBLEMS[0][1])
+    wait_condition(cluster, namespace, "collector", "c", "Degraded", "SecretNotFound")
+    cluster.kubectl("create", "secret", "generic", "nope", "-n", namespace, "--from-literal=token=t")
+    wait_condition(cluster, namespace, "collector", "c", "Degraded", "AsExpected")
+
+
+def test_deleting_a_retain_collector_keeps_its_volumes(
+    cluster: ControlPlane, operator: OperatorProcess, namespace: str
+) -> None:
+    apply_example(cluster, namespace)
+    wait_ready(cluster, namespace, "collector", COLLECTOR)
+    wait_for(
+        lambda: (
+            len(json.loads(cluster.kubectl("get", "pvc", "-n", namespace, "-o", "json").stdout)["items"]) == 2
+        ),
+        what="2 gateway PVCs",
+    )
+    cluster.kubectl("delete", "-n", namespace, "collector", COLLECTOR, "--timeout=60s")
+    wait_for(
+        lambda: get(cluster, "-n", namespace, "daemonset", f"{COLLECTOR}-agent") is None,
+        what="agents collected",
+    )
+    wait_for(
+        lambda: get(cluster, "-n", namespace, "configmap", f"{COLLECTOR}-config") is None,
+        what="config collected",
+    )
+    assert get(cluster, "clusterrolebinding", f"kubemeter-agent-{namespace}-{COLLECTOR}") is None
+    pvcs = json.loads(cluster.kubectl("get", "pvc", "-n", namespace, "-o", "json").stdout)["items"]
+    assert sorted(p["metadata"]["name"] for p in pvcs) == [
+        f"data-{COLLECTOR}-gateway-0",
+        f"data-{COLLECTOR}-gateway-1",
+    ]
+
+
+def test_a_drain_collector_waits_for_its_buffer_and_says_how_to_skip(
+    cluster: ControlPlane, operator: OperatorProcess, namespace: str
+) -> None:
+    text = Path(EXAMPLE).read_text().replace("onDelete: Retain", "onDelete: Drain")
+    apply(cluster, namespace, text)
+    wait_ready(cluster, namespace, "collector", COLLECTOR)
+    cluster.kubectl("delete", "-n", namespace, "collector", COLLECTOR, "--wait=false")
+    draining = wait_condition(cluster, namespace, "collector", COLLECTOR, "Ready", "Draining")
+    assert "set spec.buffer.onDelete: Retain" in draining["message"]
+    # the agents stopped first, so they flush into the gateway, which is still there
+    wait_for(
+        lambda: get(cluster, "-n", namespace, "daemonset", f"{COLLECTOR}-agent") is None,
+        what="agents stopped",
+    )
+    assert get(cluster, "-n", namespace, "statefulset", f"{COLLECTOR}-gateway") is not None
+    cluster.kubectl(
+        "patch",
+        "-n",
+        namespace,
+        "collector",
+        COLLECTOR,
+        "--type=merge",
+        "-p",
+        '{"spec":{"buffer":{"onDelete":"Retain"}}}',
+    )
+    wait_for(
+        lambda: get(cluster, "-n", namespace, "collector", COLLECTOR) is None,
+        timeout_s=60,
+        what="collector gone",
+    )
+    pvcs = json.loads(cluster.kubectl("get", "pvc", "-n", namespace, "-o", "json").stdout)["items"]
+    assert len(pvcs) == 2  # switched to Retain: kept

@@ -1,0 +1,223 @@
+"""Bad input is refused by the API server at apply, with a message that names the field and the fix."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.support.controlplane import ControlPlane
+
+pytestmark = pytest.mark.integration
+
+METER: dict[str, Any] = {
+    "eventType": "gpu-seconds",
+    "unit": "gpu-seconds",
+    "source": {"allocation": {"resource": "nvidia.com/gpu"}},
+}
+OUTPUT: dict[str, Any] = {"type": "openmeter", "url": "http://openmeter:8888"}
+
+
+def resource(kind: str, spec: dict[str, Any], name: str = "x") -> dict[str, Any]:
+    return {"apiVersion": "kubemeter.io/v1alpha1", "kind": kind, "metadata": {"name": name}, "spec": spec}
+
+
+def with_(base: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    return {**base, **changes}
+
+
+INVALID: list[tuple[str, dict[str, Any], str]] = [
+    (
+        "meter-no-source",
+        resource("Meter", with_(METER, source={})),
+        "set exactly one of allocation, kubeletUsage",
+    ),
+    (
+        "meter-two-sources",
+        resource(
+            "Meter", with_(METER, source={"allocation": {"resource": "cpu"}, "nvml": {"metric": "energy"}})
+        ),
+        "set exactly one of allocation, kubeletUsage, nvml, prometheus or runai",
+    ),
+    (
+        "meter-bad-basis",
+        resource("Meter", with_(METER, source={"allocation": {"resource": "cpu", "basis": "usage"}})),
+        'spec.source.allocation.basis: Unsupported value: "usage": supported values: "requests", "limits"',
+    ),
+    (
+        "meter-bad-nvml-metric",
+        resource("Meter", with_(METER, source={"nvml": {"metric": "temperature"}})),
+        'Unsupported value: "temperature"',
+    ),
+    (
+        "meter-window-not-dividing-a-day",
+        resource("Meter", with_(METER, windowSeconds=7001)),
+        "spec.windowSeconds must divide a day (86400) evenly",
+    ),
+    (
+        "meter-window-too-short",
+        resource("Meter", with_(METER, windowSeconds=5)),
+        "spec.windowSeconds: Invalid value: 5: spec.windowSeconds in body should be greater than or equal to 10",
+    ),
+    (
+        "meter-missing-event-type",
+        resource("Meter", {"unit": "u", "source": METER["source"]}),
+        "spec.eventType: Required",
+    ),
+    (
+        "meter-prometheus-without-url",
+        resource("Meter", with_(METER, source={"prometheus": {"query": "up"}})),
+        "spec.source.prometheus.url: Required value",
+    ),
+    (
+        "meter-prometheus-bad-url",
+        resource("Meter", with_(METER, source={"prometheus": {"url": "prometheus:9090", "query": "up"}})),
+        "spec.source.prometheus.url: Invalid value",
+    ),
+    (
+        "meter-dimension-key-not-an-identifier",
+        resource("Meter", with_(METER, dimensions={"gpu-model": "node.metadata.name"})),
+        "spec.dimensions: every key must match",
+    ),
+    (
+        "meter-selector-in-without-values",
+        resource(
+            "Meter", with_(METER, pods={"selector": {"matchExpressions": [{"key": "a", "operator": "In"}]}})
+        ),
+        "operator In and NotIn need at least one entry in values",
+    ),
+    (
+        "meter-unknown-field",
+        resource("Meter", with_(METER, windowSecs=60)),
+        'unknown field "spec.windowSecs"',
+    ),
+    ("collector-without-output", resource("Collector", {}), "spec.output: Required value"),
+    (
+        "collector-bad-output-type",
+        resource("Collector", {"output": with_(OUTPUT, type="stripe")}),
+        'spec.output.type: Unsupported value: "stripe"',
+    ),
+    (
+        "collector-lago-without-credentials",
+        resource("Collector", {"output": with_(OUTPUT, type="lago")}),
+        "output.credentialsSecretRef is required for type lago and flexprice",
+    ),
+    (
+        "collector-credentials-in-headers",
+        resource("Collector", {"output": with_(OUTPUT, headers={"Authorization": "Bearer abc"})}),
+        "output.headers must not carry credentials",
+    ),
+    (
+        "collector-backoff-inverted",
+        resource(
+            "Collector",
+            {"output": with_(OUTPUT, retry={"initialBackoffSeconds": 600, "maxBackoffSeconds": 60})},
+        ),
+        "initialBackoffSeconds must not exceed maxBackoffSeconds",
+    ),
+    (
+        "collector-bad-buffer-size",
+        resource("Collector", {"output": OUTPUT, "buffer": {"size": "10GB"}}),
+        "spec.buffer.size: Invalid value",
+    ),
+    (
+        "collector-bad-when-full",
+        resource("Collector", {"output": OUTPUT, "buffer": {"whenFull": "Drop"}}),
+        'spec.buffer.whenFull: Unsupported value: "Drop"',
+    ),
+    (
+        "collector-zero-replicas",
+        resource("Collector", {"output": OUTPUT, "gateway": {"replicas": 0}}),
+        "spec.gateway.replicas: Invalid value: 0",
+    ),
+    (
+        "collector-name-too-long",
+        resource("Collector", {"output": OUTPUT}, name="c" * 41),
+        "metadata.name of a Collector must be at most 40 characters",
+    ),
+    (
+        "collector-toleration-exists-with-value",
+        resource(
+            "Collector", {"output": OUTPUT, "tolerations": [{"key": "k", "operator": "Exists", "value": "v"}]}
+        ),
+        "operator Exists takes no value",
+    ),
+    (
+        "pipeline-meters-and-selector",
+        resource("Pipeline", {"collectorRef": "c", "meters": ["a"], "meterSelector": {}}),
+        "set exactly one of meters (a list of Meter names) or meterSelector",
+    ),
+    (
+        "pipeline-neither-meters-nor-selector",
+        resource("Pipeline", {"collectorRef": "c"}),
+        "set exactly one of meters (a list of Meter names) or meterSelector",
+    ),
+    (
+        "pipeline-processor-two-actions",
+        resource(
+            "Pipeline",
+            {"collectorRef": "c", "meters": ["a"], "processors": [{"filter": "true", "drop": ["x"]}]},
+        ),
+        "set exactly one of filter, set, drop or rename in each processor",
+    ),
+    (
+        "pipeline-drops-a-required-key",
+        resource("Pipeline", {"collectorRef": "c", "meters": ["a"], "processors": [{"drop": ["value"]}]}),
+        "are required in every event and cannot be dropped",
+    ),
+    (
+        "pipeline-renames-onto-a-required-key",
+        resource(
+            "Pipeline", {"collectorRef": "c", "meters": ["a"], "processors": [{"rename": {"team": "unit"}}]}
+        ),
+        "cannot be renamed or overwritten",
+    ),
+    (
+        "pipeline-bad-collector-name",
+        resource("Pipeline", {"collectorRef": "Not_A_Name", "meters": ["a"]}),
+        "spec.collectorRef: Invalid value",
+    ),
+]
+
+
+def test_the_table_is_large_enough() -> None:
+    assert len(INVALID) >= 20
+
+
+@pytest.mark.parametrize(("case", "manifest", "message"), INVALID, ids=[case for case, _, _ in INVALID])
+def test_invalid_resource_is_refused_at_apply(
+    cluster: ControlPlane, crds: None, namespace: str, case: str, manifest: dict[str, Any], message: str
+) -> None:
+    result = cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(manifest), check=False)
+    assert result.returncode != 0, f"{case} was accepted: {result.stdout}"
+    assert message in result.stderr, result.stderr
+
+
+def test_buffer_shape_cannot_change_once_the_volumes_exist(
+    cluster: ControlPlane, crds: None, namespace: str
+) -> None:
+    collector = resource("Collector", {"output": OUTPUT, "buffer": {"size": "1Gi"}}, name="fixed")
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", "--dry-run=server", input=yaml.safe_dump(collector))
+    cluster.kubectl("create", "-n", namespace, "-f", "-", input=yaml.safe_dump(collector))
+    grown = resource("Collector", {"output": OUTPUT, "buffer": {"size": "2Gi"}}, name="fixed")
+    result = cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(grown), check=False)
+    assert result.returncode != 0
+    assert "buffer.size and buffer.storageClassName cannot change once the volumes exist" in result.stderr
+    cluster.kubectl("delete", "-n", namespace, "collector", "fixed", "--wait=false")
+
+
+def test_explain_shows_the_descriptions(cluster: ControlPlane, crds: None) -> None:
+    explained = cluster.kubectl("explain", "meter.spec.source").stdout
+    assert "Where the numbers come from; set exactly one source." in explained
+    assert "Allocation of a resource by requests or limits" in explained
+    deep = cluster.kubectl("explain", "collector.spec.buffer.onDelete").stdout
+    assert "Drain delivers every buffered event first" in deep
+
+
+def test_category_lists_every_kind(cluster: ControlPlane, crds: None, namespace: str) -> None:
+    listed = cluster.kubectl("get", "kubemeter", "-n", namespace, check=False)
+    assert listed.returncode == 0, listed.stderr
+    names = cluster.kubectl("api-resources", "--api-group=kubemeter.io", "-o", "wide").stdout
+    for short in ("mtr", "kmc", "kmp"):
+        assert short in names
