@@ -38,8 +38,10 @@ class OperatorProcess:
         }
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "kubemeter_cli", "operator", "--standalone", "--metrics-port", "0"]
-            + ["--liveness-port", str(self.liveness_port)],
+            [
+                *(sys.executable, "-m", "kubemeter_cli", "operator", "--standalone", "--metrics-port", "0"),
+                *("--liveness-port", str(self.liveness_port)),
+            ],
             env=env,
             cwd=REPO_ROOT,
             stdout=log,

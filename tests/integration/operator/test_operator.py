@@ -219,12 +219,28 @@ def test_operator_restart_converges_without_writes(
     assert f"namespace {namespace} reconciled: 0 child writes" in operator.log_text()[start:]
 
 
+def manifests(*objects: tuple[str, str, dict[str, Any]]) -> str:
+    return yaml.safe_dump_all(
+        {"apiVersion": "kubemeter.io/v1alpha1", "kind": kind, "metadata": {"name": name}, "spec": spec}
+        for kind, name, spec in objects
+    )
+
+
+OUTPUT = {"type": "openmeter", "url": "http://om"}
+PLAIN_COLLECTOR = ("Collector", "c", {"output": OUTPUT})
+CPU_METER: dict[str, Any] = {"eventType": "e", "unit": "u", "source": {"allocation": {"resource": "cpu"}}}
+
 PROBLEMS: list[tuple[str, str, str, str, str, str]] = [
-    # (case, manifest, kind, name, reason, message fragment)
+    # (case, manifests, kind, name, reason, message fragment)
     (
         "missing-secret",
-        "apiVersion: kubemeter.io/v1alpha1\nkind: Collector\nmetadata: {name: c}\nspec:\n  output:\n"
-        "    type: openmeter\n    url: http://om\n    credentialsSecretRef: {name: nope, key: token}\n",
+        manifests(
+            (
+                "Collector",
+                "c",
+                {"output": {**OUTPUT, "credentialsSecretRef": {"name": "nope", "key": "token"}}},
+            )
+        ),
         "collector",
         "c",
         "SecretNotFound",
@@ -232,7 +248,7 @@ PROBLEMS: list[tuple[str, str, str, str, str, str]] = [
     ),
     (
         "unknown-collector",
-        "apiVersion: kubemeter.io/v1alpha1\nkind: Pipeline\nmetadata: {name: p}\nspec: {collectorRef: ghost, meters: [m]}\n",
+        manifests(("Pipeline", "p", {"collectorRef": "ghost", "meters": ["m"]})),
         "pipeline",
         "p",
         "CollectorNotFound",
@@ -240,8 +256,7 @@ PROBLEMS: list[tuple[str, str, str, str, str, str]] = [
     ),
     (
         "unknown-meter",
-        "apiVersion: kubemeter.io/v1alpha1\nkind: Collector\nmetadata: {name: c}\nspec:\n  output: {type: openmeter, url: 'http://om'}\n"
-        "---\napiVersion: kubemeter.io/v1alpha1\nkind: Pipeline\nmetadata: {name: p}\nspec: {collectorRef: c, meters: [ghost]}\n",
+        manifests(PLAIN_COLLECTOR, ("Pipeline", "p", {"collectorRef": "c", "meters": ["ghost"]})),
         "pipeline",
         "p",
         "MeterNotFound",
@@ -249,8 +264,7 @@ PROBLEMS: list[tuple[str, str, str, str, str, str]] = [
     ),
     (
         "cel-does-not-compile",
-        "apiVersion: kubemeter.io/v1alpha1\nkind: Meter\nmetadata: {name: m}\nspec:\n  eventType: e\n  unit: u\n"
-        "  source: {allocation: {resource: cpu}}\n  subject: {expression: 'namespace.metadata.name +'}\n",
+        manifests(("Meter", "m", {**CPU_METER, "subject": {"expression": "namespace.metadata.name +"}})),
         "meter",
         "m",
         "InvalidExpression",
@@ -258,10 +272,15 @@ PROBLEMS: list[tuple[str, str, str, str, str, str]] = [
     ),
     (
         "cel-unknown-variable",
-        "apiVersion: kubemeter.io/v1alpha1\nkind: Collector\nmetadata: {name: c}\nspec:\n  output: {type: openmeter, url: 'http://om'}\n"
-        "---\napiVersion: kubemeter.io/v1alpha1\nkind: Meter\nmetadata: {name: m}\nspec:\n  eventType: e\n  unit: u\n"
-        "  source: {allocation: {resource: cpu}}\n---\napiVersion: kubemeter.io/v1alpha1\nkind: Pipeline\n"
-        "metadata: {name: p}\nspec:\n  collectorRef: c\n  meters: [m]\n  processors: [{filter: 'evnt.data.value > 0.0'}]\n",
+        manifests(
+            PLAIN_COLLECTOR,
+            ("Meter", "m", CPU_METER),
+            (
+                "Pipeline",
+                "p",
+                {"collectorRef": "c", "meters": ["m"], "processors": [{"filter": "evnt.data.value > 0.0"}]},
+            ),
+        ),
         "pipeline",
         "p",
         "InvalidExpression",

@@ -58,7 +58,8 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     (
         "meter-window-too-short",
         resource("Meter", with_(METER, windowSeconds=5)),
-        "spec.windowSeconds: Invalid value: 5: spec.windowSeconds in body should be greater than or equal to 10",
+        "spec.windowSeconds: Invalid value: 5: spec.windowSeconds in body should be greater than or "
+        "equal to 10",
     ),
     (
         "meter-missing-event-type",
