@@ -188,6 +188,20 @@ class AgentProcess:
             except subprocess.TimeoutExpired:
                 self.kill()
 
+    def pods_held_as_running(self) -> set[str]:
+        """Pods the agent's checkpoint still holds without a deletion (pods live at least 3 s, so
+        every pod is in the checkpoint before it is deleted; finished pods are dropped from it)."""
+        db = sqlite3.connect(self.workdir / "checkpoints" / "checkpoints.sqlite")
+        try:
+            rows = db.execute("SELECT uid, object, deleted_at_ms FROM pods").fetchall()
+        finally:
+            db.close()
+        return {
+            uid
+            for uid, obj, deleted_at in rows
+            if deleted_at is None and "deletionTimestamp" not in json.loads(obj)["metadata"]
+        }
+
     def events(self) -> list[dict[str, Any]]:
         return read_events(self.events_db)
 

@@ -99,6 +99,7 @@ class Churn:
         # Held while an agent is down: deletions wait, because a pod deleted while its agent is
         # down leaves no release time behind (documented in docs/metering.md).
         self.agents_up = threading.Lock()
+        self.deleted: dict[str, str] = {}  # uid -> node
 
     def create(self, index: int) -> Truth:
         node = self.nodes[index % len(self.nodes)]
@@ -119,6 +120,7 @@ class Churn:
         if how == "delete":
             with self.agents_up:
                 pod = self.core.delete_namespaced_pod(truth.name, self.namespace)
+                self.deleted[truth.uid] = truth.node
             deletion_ms = int(pod.metadata.deletion_timestamp.timestamp() * 1000)
             truth.end_ms = deletion_ms - 1000 * pod.metadata.deletion_grace_period_seconds
         else:  # the containers exit, as a kubelet would report it
@@ -275,12 +277,28 @@ def test_agents_killed_at_random_moments_emit_identical_ids_and_totals(
     churn = Churn(cluster, namespace, nodes, seed=13)
     stop = threading.Event()
 
+    errors: list[BaseException] = []
+
     def killer() -> None:
+        try:
+            kill_five_times()
+        except BaseException as error:
+            errors.append(error)
+
+    def kill_five_times() -> None:
         for _ in range(5):
             if stop.wait(rng.uniform(2, 6)):
                 return
             agent = rng.choice(agents)
             with churn.agents_up:
+                # A pod deleted before its agent saw the deletion leaves no release time behind
+                # (docs/metering.md); kill only once the agent has recorded every deletion so far.
+                deleted = {uid for uid, node in churn.deleted.items() if node == agent.node}
+                wait_for(
+                    lambda a=agent, d=deleted: not d & a.pods_held_as_running(),
+                    timeout_s=10,  # type: ignore[misc]
+                    what=f"{agent.node} to record {len(deleted)} deletions",
+                )
                 agent.kill()
                 kills.append(agent.node)
                 time.sleep(rng.uniform(0, 2))  # down for a while: windows close late, after restart
@@ -291,6 +309,7 @@ def test_agents_killed_at_random_moments_emit_identical_ids_and_totals(
     try:
         churn.run(pods=200, spread_s=20, max_life_s=25)
         thread.join()
+        assert not errors, errors
         assert len(kills) == 5
         events = wait_until_all_windows_closed(agents, churn.truth)
         check_against_truth(events, churn.truth)
