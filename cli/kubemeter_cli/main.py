@@ -25,6 +25,7 @@ ROLES: dict[str, tuple[str, str, str]] = {
         "a local billing API: OpenMeter/Flexprice/Lago ingest, usage queries",
     ),
     "dlq": ("kubemeter.output.dead_letters", "main", "list, replay or purge events the billing API refused"),
+    "report": ("kubemeter.report.main", "main", "chargeback report from a kubemeter sink or OpenMeter"),
 }
 
 
