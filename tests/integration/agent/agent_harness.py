@@ -73,6 +73,7 @@ def free_port() -> int:
 
 
 def meter(name: str, uid: str, namespace: str, source: dict[str, Any], **spec: Any) -> dict[str, Any]:
+    processors = spec.pop("processors", [])
     return {
         "name": name,
         "namespace": "kubemeter-system",
@@ -86,7 +87,7 @@ def meter(name: str, uid: str, namespace: str, source: dict[str, Any], **spec: A
             "pods": {"namespaces": [namespace]},
             **spec,
         },
-        "processors": spec.pop("processors", []),
+        "processors": processors,
     }
 
 
