@@ -9,18 +9,25 @@ into ``dead_letters`` with the response that refused them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import shutil
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import TypeVar
 
 from kubemeter.output import OutputFullError
 from kubemeter.output.sqlite_worker import SqliteWorker, open_connection
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_Operation = Callable[[sqlite3.Connection], None]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -47,8 +54,32 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 # The highest bound-parameter count we put in one statement (SQLite allows 32766).
 _MAX_PARAMETERS = 500
 _SQLITE_FULL = 13
-# After a checkpoint the WAL is cut back to this size, so a drained queue gives disk space back.
-_WAL_SIZE_LIMIT_BYTES = 16 * 1024 * 1024
+_PAGE_BYTES = 4096
+_VACUUM_MIN_PAGES = 256
+_VACUUM_STEP_PAGES = 2048
+_SMALL_TRANSACTION_EVENTS = 16
+
+
+@dataclass(frozen=True)
+class VolumeBudget:
+    """Disk held back so a full volume can still drain.
+
+    Deleting delivered rows writes to the WAL, so on a volume filled to the last byte even acks
+    would fail. A reserve file is kept beside the queue and removed the moment an ack hits
+    SQLITE_FULL; the WAL is checkpointed often enough (relative to the volume) that it never holds
+    more than a small part of it.
+    """
+
+    reserve_bytes: int
+    wal_checkpoint_pages: int
+
+    @classmethod
+    def for_volume(cls, directory: Path) -> VolumeBudget:
+        volume = os.statvfs(directory)
+        volume_bytes = volume.f_blocks * volume.f_frsize
+        reserve_bytes = min(64 * 2**20, max(256 * 2**10, volume_bytes // 50))
+        wal_checkpoint_pages = min(1000, max(16, volume_bytes // _PAGE_BYTES // 32))
+        return cls(reserve_bytes, wal_checkpoint_pages)
 
 
 class WhenFull(StrEnum):
@@ -120,9 +151,13 @@ class DurableQueue:
     consuming (``kubemeter dlq`` may change it alongside; the queue notices and recounts).
     """
 
-    def __init__(self, path: Path, limits: QueueLimits, connection: sqlite3.Connection) -> None:
+    def __init__(
+        self, path: Path, limits: QueueLimits, connection: sqlite3.Connection, budget: VolumeBudget
+    ) -> None:
         self.path = path
         self.limits = limits
+        self.budget = budget
+        self._reserve_path = path.with_name(path.name + ".reserve")
         self._committed = _Totals()
         self._pending = _Totals()
         self._oldest_enqueued_at_s: float | None = None
@@ -147,20 +182,28 @@ class DurableQueue:
 
     @classmethod
     async def open(cls, path: Path, limits: QueueLimits | None = None) -> DurableQueue:
-        def connect() -> sqlite3.Connection:
+        def connect() -> tuple[sqlite3.Connection, VolumeBudget]:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            budget = VolumeBudget.for_volume(path.parent)
             connection = open_connection(path, synchronous="FULL")
-            connection.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT_BYTES}")
+            connection.execute(f"PRAGMA wal_autocheckpoint={budget.wal_checkpoint_pages}")
+            # After a checkpoint the WAL is cut back, so a drained queue gives the disk back.
+            connection.execute(f"PRAGMA journal_size_limit={2 * budget.wal_checkpoint_pages * _PAGE_BYTES}")
+            # Only takes effect on a new file: lets maintenance hand freed pages back to the volume.
+            connection.execute("PRAGMA auto_vacuum=INCREMENTAL")
             connection.executescript(SCHEMA)
-            return connection
+            return connection, budget
 
         try:
-            connection = await asyncio.to_thread(connect)
+            connection, budget = await asyncio.to_thread(connect)
         except sqlite3.Error as error:
             raise RuntimeError(
                 f"cannot open the event queue at {path}: {error}; check that the volume is mounted "
                 "and writable and that no other process is consuming this file"
             ) from error
-        return cls(path, limits or QueueLimits(), connection)
+        queue = cls(path, limits or QueueLimits(), connection, budget)
+        await asyncio.to_thread(queue._keep_reserve)
+        return queue
 
     async def close(self) -> None:
         await asyncio.to_thread(self._worker.close)
@@ -252,8 +295,8 @@ class DurableQueue:
                 )
             if over_bytes > 0:
                 raise QueueFullError(
-                    f"the buffer holds {held_bytes} of its {limits.max_bytes} bytes; retry when the billing "
-                    "API has drained it (or raise buffer.size)"
+                    f"the queue at {self.path} holds {held_bytes} of its {limits.max_bytes} bytes; retry when "
+                    "deliveries have drained it (or raise the cap: buffer.size on the gateway)"
                 )
             raise QueueFullError(
                 f"the oldest buffered event is older than the retention of {limits.max_age_s:.0f} s; "
@@ -340,41 +383,86 @@ class DurableQueue:
         self._lease_cursor = 0
         self._has_events.set()
 
-    async def ack(self, events: Sequence[QueuedEvent]) -> int:
+    async def ack(self, events: Sequence[QueuedEvent]) -> None:
         """Delete delivered events; returns after the commit."""
-        seqs = [event.seq for event in events]
 
-        def delete(connection: sqlite3.Connection) -> int:
-            removed, removed_bytes = _delete_by_seq(connection, "events", seqs)
-            self._pending.events -= removed
-            self._pending.payload_bytes -= removed_bytes
-            self._set_pending_oldest(self._head_enqueued_at(connection))
-            return removed
+        def delete(seqs: Sequence[int]) -> Callable[[sqlite3.Connection], None]:
+            def operation(connection: sqlite3.Connection) -> None:
+                removed, removed_bytes = _delete_by_seq(connection, "events", seqs)
+                self._pending.events -= removed
+                self._pending.payload_bytes -= removed_bytes
+                self._set_pending_oldest(self._head_enqueued_at(connection))
 
-        return await self._worker.write(delete)
+            return operation
+
+        await self._write_freeing_space([event.seq for event in events], delete)
 
     async def dead_letter(self, events: Sequence[QueuedEvent], *, reason: str, response: str) -> None:
         """Move refused events into the dead-letter table with the reason and the API's response."""
-        seqs = [event.seq for event in events]
 
-        def move(connection: sqlite3.Connection) -> None:
-            now_s = time.time()
-            for chunk in _chunks(seqs):
-                marks = ",".join("?" * len(chunk))
-                connection.execute(
-                    "INSERT OR REPLACE INTO dead_letters "
-                    "(source, event_id, enqueued_at_s, payload, reason, response, dead_lettered_at_s) "
-                    "SELECT source, event_id, enqueued_at_s, payload, ?, ?, ? FROM events "
-                    f"WHERE seq IN ({marks})",
-                    (reason, response, now_s, *chunk),
-                )
-            removed, removed_bytes = _delete_by_seq(connection, "events", seqs)
-            self._pending.events -= removed
-            self._pending.payload_bytes -= removed_bytes
-            self._pending.dead_letters += removed
-            self._set_pending_oldest(self._head_enqueued_at(connection))
+        def move(seqs: Sequence[int]) -> Callable[[sqlite3.Connection], None]:
+            def operation(connection: sqlite3.Connection) -> None:
+                now_s = time.time()
+                for chunk in _chunks(seqs):
+                    marks = ",".join("?" * len(chunk))
+                    connection.execute(
+                        "INSERT OR REPLACE INTO dead_letters "
+                        "(source, event_id, enqueued_at_s, payload, reason, response, dead_lettered_at_s) "
+                        "SELECT source, event_id, enqueued_at_s, payload, ?, ?, ? FROM events "
+                        f"WHERE seq IN ({marks})",
+                        (reason, response, now_s, *chunk),
+                    )
+                removed, removed_bytes = _delete_by_seq(connection, "events", seqs)
+                self._pending.events -= removed
+                self._pending.payload_bytes -= removed_bytes
+                self._pending.dead_letters += removed
+                self._set_pending_oldest(self._head_enqueued_at(connection))
 
-        await self._worker.write(move)
+            return operation
+
+        await self._write_freeing_space([event.seq for event in events], move)
+
+    async def _write_freeing_space(
+        self,
+        seqs: Sequence[int],
+        operation_for: Callable[[Sequence[int]], Callable[[sqlite3.Connection], None]],
+    ) -> None:
+        """Run a write that frees space (ack, dead-letter). On a full volume, give up the reserve and
+        go on in small transactions: each needs only a few WAL pages, and the checkpoints between
+        them let the WAL be reused, so delivery can always make room."""
+        try:
+            await self._worker.write(operation_for(seqs))
+            return
+        except sqlite3.OperationalError as error:
+            if getattr(error, "sqlite_errorcode", None) != _SQLITE_FULL:
+                raise
+        if self._reserve_path.exists():
+            log.warning(
+                "the volume is full; releasing the %d-byte reserve so deliveries can free space",
+                self.budget.reserve_bytes,
+            )
+            self._reserve_path.unlink(missing_ok=True)
+        for start in range(0, len(seqs), _SMALL_TRANSACTION_EVENTS):
+            await self._worker.write(operation_for(seqs[start : start + _SMALL_TRANSACTION_EVENTS]))
+
+    def _keep_reserve(self) -> None:
+        """Create the reserve file when it is missing and the volume has room for it again."""
+        if self._reserve_path.exists():
+            return
+        free_bytes = shutil.disk_usage(self._reserve_path.parent).free
+        if free_bytes < 4 * self.budget.reserve_bytes:
+            return
+        try:
+            with self._reserve_path.open("wb") as reserve:
+                chunk = b"\0" * (1 << 16)
+                for _ in range(0, self.budget.reserve_bytes, len(chunk)):
+                    reserve.write(chunk)
+                reserve.flush()
+                os.fsync(reserve.fileno())
+        except OSError as error:
+            log.warning("cannot keep the %s reserve: %s", self._reserve_path, error)
+            with contextlib.suppress(OSError):
+                self._reserve_path.unlink()
 
     # -- bookkeeping (worker thread) ------------------------------------------------------------
 
@@ -411,6 +499,11 @@ class DurableQueue:
         self._data_version = int(connection.execute("PRAGMA data_version").fetchone()[0])
 
     def _maintain(self, connection: sqlite3.Connection) -> None:
+        (free_pages,) = connection.execute("PRAGMA freelist_count").fetchone()
+        if free_pages >= _VACUUM_MIN_PAGES:
+            # Delivered rows leave free pages; give them back so the volume (and the reserve) recover.
+            connection.execute(f"PRAGMA incremental_vacuum({_VACUUM_STEP_PAGES})").fetchall()
+        self._keep_reserve()
         # data_version changes only when ANOTHER connection commits (``kubemeter dlq replay``).
         version = int(connection.execute("PRAGMA data_version").fetchone()[0])
         if version != self._data_version:

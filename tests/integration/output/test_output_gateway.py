@@ -1,0 +1,331 @@
+"""The gateway as a real process: acks only after commit, refuses with the reason, survives
+SIGKILL, pushes back when its volume is full; the agent's spool survives the agent being killed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import sqlite3
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+from kubemeter.output import OutputFullError
+from kubemeter.output.queue import DurableQueue, QueueRecord
+from kubemeter.output.spool import SPOOL_FILE, SpoolOutput
+
+from tests.integration.output.harness import (
+    FAST_POLICY,
+    REPO_ROOT,
+    GatewayProcess,
+    LocalBillingApi,
+    assert_exactly_once,
+    eventually,
+    gateway_config,
+    usage_events,
+)
+
+BATCH = "application/cloudevents-batch+json"
+
+
+@pytest.fixture
+async def billing_api(tmp_path: Path) -> AsyncIterator[LocalBillingApi]:
+    api = LocalBillingApi(tmp_path / "billing")
+    await api.start()
+    yield api
+    await api.stop()
+
+
+def cloudevents(count: int, prefix: str) -> list[dict[str, object]]:
+    return [event.to_cloudevent() for event in usage_events(count, prefix=prefix)]
+
+
+async def test_gateway_acks_after_commit_and_refuses_with_the_reason(
+    billing_api: LocalBillingApi, tmp_path: Path
+) -> None:
+    token = tmp_path / "ingest-token"
+    token.write_text("first-token\n")
+    gateway = GatewayProcess(tmp_path, gateway_config(tmp_path, billing_api.url), ingest_token_file=token)
+    gateway.start()
+    try:
+        await gateway.wait_ready()
+        url = f"{gateway.url}/api/v1/events"
+        async with httpx.AsyncClient(timeout=10) as client:
+            body = json.dumps(cloudevents(10, "batch"))
+            refused = await client.post(url, content=body, headers={"Content-Type": BATCH})
+            assert refused.status_code == 401
+            assert "Authorization: Bearer" in refused.json()["detail"]
+
+            auth = {"Authorization": "Bearer first-token"}
+            broken = cloudevents(3, "broken")
+            del broken[1]["subject"]
+            malformed = await client.post(url, json=broken, headers={**auth, "Content-Type": BATCH})
+            assert malformed.status_code == 400
+            assert (
+                "event 1 (id 'broken-000001'): subject must be a non-empty string"
+                in malformed.json()["detail"]
+            )
+
+            accepted = await client.post(url, content=body, headers={**auth, "Content-Type": BATCH})
+            assert accepted.status_code == 204
+            structured = {**cloudevents(1, "one")[0]}
+            one = await client.post(
+                url, json=structured, headers={**auth, "Content-Type": "application/cloudevents+json"}
+            )
+            assert one.status_code == 204
+            # An application event through the OpenMeter-compatible path, without a time of its own.
+            app_event = {
+                "specversion": "1.0",
+                "id": "app-1",
+                "source": "checkout",
+                "type": "api.call",
+                "subject": "team-0",
+                "data": {"value": 2},
+            }
+            assert (await client.post(url, json=app_event, headers=auth)).status_code == 204
+
+            token.write_text("second-token\n")  # rotated Secret: no restart
+            rotated = {"Authorization": "Bearer second-token", "Content-Type": BATCH}
+            assert (
+                await client.post(url, content=json.dumps(cloudevents(5, "rotated")), headers=rotated)
+            ).status_code == 204
+            assert (
+                await client.post(url, content=body, headers={**auth, "Content-Type": BATCH})
+            ).status_code == 401
+
+            expected = {f"batch-{n:06d}" for n in range(10)} | {f"rotated-{n:06d}" for n in range(5)}
+            expected |= {"one-000000", "app-1"}
+            status = await eventually(
+                lambda: _delivered(gateway, len(expected)), what="all accepted events delivered"
+            )
+            print(f"gateway status: {status}")
+            metrics = (await client.get(f"{gateway.url}/metrics")).text
+            for name in (
+                "kubemeter_buffer_events",
+                "kubemeter_buffer_bytes",
+                "kubemeter_buffer_oldest_age_seconds",
+                "kubemeter_delivered_events_total",
+                "kubemeter_delivery_retries_total",
+                "kubemeter_dead_lettered_events_total",
+                "kubemeter_delivery_latency_seconds_bucket",
+                "kubemeter_ingest_ack_seconds_bucket",
+            ):
+                assert name in metrics, name
+            assert (await client.get(f"{gateway.url}/healthz")).status_code == 200
+        assert_exactly_once(await billing_api.stats(), await billing_api.events(), expected)
+    finally:
+        assert gateway.terminate() == 0, gateway.log_tail()
+
+
+async def _delivered(gateway: GatewayProcess, count: int) -> dict[str, object] | None:
+    status = await gateway.status()
+    return status if status.get("deliveredEvents") == count and status.get("bufferedEvents") == 0 else None
+
+
+async def test_gateway_sigkilled_20_times_during_delivery_loses_nothing_and_bills_nothing_twice(
+    tmp_path: Path,
+) -> None:
+    # Flexprice semantics: a re-stamped timestamp would be billed twice, so this catches that too.
+    api = LocalBillingApi(tmp_path / "billing")
+    await api.start()
+    config = gateway_config(
+        tmp_path,
+        f"{api.url}/v1",
+        output_type="flexprice",
+        credentials_file=tmp_path / "none",
+        batch_max_events=50,
+    )
+    gateway = GatewayProcess(tmp_path, config)
+    agent = await SpoolOutput.open(tmp_path / "agent", gateway.url, max_bytes=64 * 2**20, policy=FAST_POLICY)
+    await agent.start()
+    rounds, per_round = 20, 500
+    expected: set[str] = set()
+    rng = random.Random(6)
+    try:
+        for round_number in range(rounds):
+            events = usage_events(per_round, prefix=f"r{round_number:02d}")
+            expected |= {event.id for event in events}
+            await agent.write(events)
+            stored_before = (await api.stats())["storedEvents"]
+            gateway.start()
+            await gateway.wait_ready()
+            # Kill at a random point while the gateway delivers this round's events.
+            kill_after = stored_before + rng.randint(1, per_round - 50)
+            await eventually(
+                lambda: _stored_at_least(api, kill_after),  # noqa: B023 - awaited within this iteration
+                timeout_s=60,
+                what=f"delivery in round {round_number}",
+            )
+            gateway.kill()
+        gateway.start()
+        await gateway.wait_ready()
+        await eventually(lambda: _stored_at_least(api, len(expected)), timeout_s=120, what="the final drain")
+        await eventually(lambda: agent.stats().events == 0, what="the agent spool to drain")
+        stats = await api.stats()
+        print(f"gateway SIGKILLed {rounds} times, started {gateway.starts} times")
+        assert_exactly_once(stats, await api.events(), expected)
+        assert (await gateway.status())["bufferedEvents"] == 0
+    finally:
+        gateway.terminate()
+        await agent.close()
+        await api.stop()
+
+
+async def _stored_at_least(api: LocalBillingApi, count: int) -> bool:
+    return bool((await api.stats())["storedEvents"] >= count)
+
+
+def _mount_small_volume(path: Path, size_bytes: int) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(path)],
+        capture_output=True,
+        check=False,
+    )
+    return result.returncode == 0
+
+
+def _unmount(path: Path) -> None:
+    subprocess.run(["umount", str(path)], capture_output=True, check=False)
+
+
+async def test_full_volume_pushes_agents_back_then_everything_drains(tmp_path: Path) -> None:
+    pv = tmp_path / "pv"
+    api = LocalBillingApi(tmp_path / "billing")  # down until the end: the buffer must fill
+    mounted = _mount_small_volume(pv, 3 * 2**20)
+    if mounted:
+        print("PV: a 3 MiB tmpfs; the gateway's cap is above it, so the filesystem itself fills")
+        config = gateway_config(tmp_path, api.url, data_dir=pv, buffer_max_bytes=2**30)
+    else:
+        print("PV: cannot mount a tmpfs here (not root); the gateway's byte cap stands in for a full volume")
+        config = gateway_config(tmp_path, api.url, data_dir=pv, buffer_max_bytes=1 * 2**20)
+    gateway = GatewayProcess(tmp_path, config)
+    gateway.start()
+    agent = await SpoolOutput.open(tmp_path / "agent", gateway.url, max_bytes=2 * 2**20, policy=FAST_POLICY)
+    await agent.start()
+    accepted: set[str] = set()
+    pushed_back = 0
+    try:
+        await gateway.wait_ready()
+        for chunk in range(1000):
+            events = usage_events(200, prefix=f"c{chunk:04d}")
+            try:
+                await agent.write(events)
+            except OutputFullError as full:
+                pushed_back += 1
+                reason = str(full)
+                break
+            accepted |= {event.id for event in events}
+            await asyncio.sleep(0)  # let the forwarder run between writes, as metering would
+        assert pushed_back, "the agent's spool never filled"
+        gateway_status = await gateway.status()
+        forward_error = agent.forwarder.status.last_error or ""
+        print(
+            f"accepted={len(accepted)} gateway_buffered={gateway_status['bufferedEvents']} "
+            f"agent_spooled={agent.stats().events} agent_pushed_back='{reason}' "
+            f"gateway_said='{forward_error}'"
+        )
+        assert "503" in forward_error
+        assert agent.stats().events > 0
+        await api.start()  # the billing API comes back
+        await eventually(lambda: agent.stats().events == 0, timeout_s=120, what="the agent spool to drain")
+        await eventually(
+            lambda: _stored_at_least(api, len(accepted)), timeout_s=120, what="the gateway to drain"
+        )
+        assert_exactly_once(await api.stats(), await api.events(), accepted)
+    finally:
+        gateway.terminate()
+        await agent.close()
+        await api.stop()
+        if mounted:
+            _unmount(pv)
+
+
+async def test_agent_killed_with_events_in_its_spool_loses_nothing(
+    billing_api: LocalBillingApi, tmp_path: Path
+) -> None:
+    spool_dir = tmp_path / "agent"
+    gateway = GatewayProcess(tmp_path, gateway_config(tmp_path, billing_api.url))  # not started yet
+    count = 1500
+    writer = await asyncio.create_subprocess_exec(
+        *[
+            sys.executable,
+            "-m",
+            "tests.integration.output.spool_writer",
+            "--spool-dir",
+            str(spool_dir),
+            "--gateway-url",
+            gateway.url,
+            "--count",
+            str(count),
+            "--prefix",
+            "spooled",
+        ],
+        stdout=subprocess.PIPE,
+        cwd=REPO_ROOT,
+    )
+    assert writer.stdout is not None
+    async for line in writer.stdout:
+        if line.decode().strip() == f"wrote {count}":
+            break
+    writer.kill()  # SIGKILL: no chance to flush anything
+    await writer.wait()
+    with sqlite3.connect(spool_dir / SPOOL_FILE) as connection:
+        (spooled,) = connection.execute("SELECT COUNT(*) FROM events").fetchone()
+    print(f"agent SIGKILLed with {spooled} events in its spool")
+    assert spooled == count
+
+    gateway.start()
+    try:
+        await gateway.wait_ready()
+        restarted = await SpoolOutput.open(spool_dir, gateway.url, max_bytes=64 * 2**20, policy=FAST_POLICY)
+        await restarted.start()
+        more = usage_events(200, prefix="after-restart")
+        await restarted.write(more)
+        assert await restarted.close(drain_timeout_s=30)  # SIGTERM path: forward what it can
+        expected = {f"spooled-{n:06d}" for n in range(count)} | {event.id for event in more}
+        await eventually(
+            lambda: _stored_at_least(billing_api, len(expected)), what="delivery to the billing API"
+        )
+        assert_exactly_once(await billing_api.stats(), await billing_api.events(), expected)
+    finally:
+        gateway.terminate()
+
+
+def test_dlq_list_replay_purge(tmp_path: Path) -> None:
+    path = tmp_path / "queue.db"
+
+    async def two_dead_letters() -> None:
+        queue = await DurableQueue.open(path)
+        await queue.enqueue([QueueRecord("kubemeter/c", f"bad-{n}", b'{"id":"x"}') for n in range(2)])
+        await queue.dead_letter(
+            await queue.lease(10), reason="HTTP 400: value must be a number", response="{}"
+        )
+        await queue.close()
+
+    asyncio.run(two_dead_letters())
+
+    def dlq(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "kubemeter_cli", "dlq", "--queue", str(path), *args]
+        return subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, check=True)
+
+    listing = dlq("list").stdout
+    assert "bad-0" in listing and "value must be a number" in listing
+    assert json.loads(dlq("list", "--json").stdout.splitlines()[0])["reason"].startswith("HTTP 400")
+    assert "replayed 1" in dlq("replay", "--id", "bad-0").stderr
+    assert "purged 1" in dlq("purge", "--all").stderr
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("SELECT event_id FROM events").fetchall() == [("bad-0",)]
+        assert connection.execute("SELECT COUNT(*) FROM dead_letters").fetchone() == (0,)
+    refused = subprocess.run(
+        [sys.executable, "-m", "kubemeter_cli", "dlq", "--queue", str(path), "purge"],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        check=False,
+    )
+    assert refused.returncode != 0 and "--all" in refused.stderr
