@@ -8,9 +8,14 @@ advance its checkpoint as soon as it returns.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 from kubemeter.events import UsageEvent
+
+if TYPE_CHECKING:
+    from kubemeter.config import AgentConfig
+    from kubemeter.output.spool import LazySpoolOutput
 
 
 class OutputFullError(Exception):
@@ -21,3 +26,16 @@ class EventOutput(Protocol):
     async def write(self, events: Sequence[UsageEvent]) -> None:
         """Durably accept ``events`` (all or none). Raise :class:`OutputFullError` to push back."""
         ...
+
+
+def agent_output(config: AgentConfig, *, token_file: Path | None = None) -> LazySpoolOutput:
+    """The agent's :class:`EventOutput`: the node-local spool, forwarded to ``config.gateway_url``.
+
+    Call ``await output.start()`` at startup (forwards what a killed run left in the spool) and
+    ``await output.close(drain_timeout_s)`` on SIGTERM.
+    """
+    from kubemeter.output.spool import LazySpoolOutput
+
+    return LazySpoolOutput(
+        Path(config.spool_dir), config.gateway_url, max_bytes=config.spool_max_bytes, token_file=token_file
+    )

@@ -295,8 +295,8 @@ class DurableQueue:
                 )
             if over_bytes > 0:
                 raise QueueFullError(
-                    f"the queue at {self.path} holds {held_bytes} of its {limits.max_bytes} bytes; retry when "
-                    "deliveries have drained it (or raise the cap: buffer.size on the gateway)"
+                    f"the queue at {self.path} holds {held_bytes} of its {limits.max_bytes} bytes; retry "
+                    "when deliveries have drained it (or raise the cap: buffer.size on the gateway)"
                 )
             raise QueueFullError(
                 f"the oldest buffered event is older than the retention of {limits.max_age_s:.0f} s; "

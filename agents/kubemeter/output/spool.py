@@ -8,6 +8,7 @@ pushes back instead of losing windows.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -82,3 +83,38 @@ class SpoolOutput:
         await self.forwarder.stop()
         await self.queue.close()
         return drained or self.queue.stats().events == 0
+
+
+class LazySpoolOutput:
+    """The agent's output built outside any event loop: the spool opens inside the agent's loop on
+    :meth:`start` (forwarding what a previous run left behind) or on the first write."""
+
+    def __init__(self, spool_dir: Path, gateway_url: str, *, max_bytes: int, token_file: Path | None) -> None:
+        self.spool_dir = spool_dir
+        self.gateway_url = gateway_url
+        self.max_bytes = max_bytes
+        self.token_file = token_file
+        self._output: SpoolOutput | None = None
+        self._opening: asyncio.Lock | None = None
+
+    async def start(self) -> SpoolOutput:
+        if self._opening is None:
+            self._opening = asyncio.Lock()
+        async with self._opening:
+            if self._output is None:
+                output = await SpoolOutput.open(
+                    self.spool_dir, self.gateway_url, max_bytes=self.max_bytes, token_file=self.token_file
+                )
+                await output.start()
+                self._output = output
+        return self._output
+
+    async def write(self, events: Sequence[UsageEvent]) -> None:
+        output = self._output or await self.start()
+        await output.write(events)
+
+    async def close(self, drain_timeout_s: float = 0.0) -> bool:
+        """On SIGTERM: forward for up to ``drain_timeout_s``; True when the spool is empty."""
+        if self._output is None:
+            return True
+        return await self._output.close(drain_timeout_s)

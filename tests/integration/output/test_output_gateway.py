@@ -14,7 +14,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from kubemeter.output import OutputFullError
+from kubemeter.config import AgentConfig
+from kubemeter.output import OutputFullError, agent_output
 from kubemeter.output.queue import DurableQueue, QueueRecord
 from kubemeter.output.spool import SPOOL_FILE, SpoolOutput
 
@@ -329,3 +330,28 @@ def test_dlq_list_replay_purge(tmp_path: Path) -> None:
         check=False,
     )
     assert refused.returncode != 0 and "--all" in refused.stderr
+
+
+async def test_agent_output_from_the_agent_config_spools_and_forwards(
+    billing_api: LocalBillingApi, tmp_path: Path
+) -> None:
+    gateway = GatewayProcess(tmp_path, gateway_config(tmp_path, billing_api.url))
+    config = AgentConfig(
+        cluster="test-cluster",
+        collector="default",
+        namespace="kubemeter",
+        gateway_url=gateway.url,
+        spool_dir=str(tmp_path / "spool"),
+        checkpoint_dir=str(tmp_path / "checkpoints"),
+    )
+    output = agent_output(config)  # built outside the loop, as the agent does
+    events = usage_events(300, prefix="factory")
+    await output.write(events)  # the gateway is not up yet: the spool holds them
+    gateway.start()
+    try:
+        await gateway.wait_ready()
+        assert await output.close(drain_timeout_s=30)
+        await eventually(lambda: _stored_at_least(billing_api, len(events)), what="delivery")
+        assert_exactly_once(await billing_api.stats(), await billing_api.events(), {e.id for e in events})
+    finally:
+        gateway.terminate()
