@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
-
-import aiohttp
 
 from kubemeter.agent.checkpoint import CheckpointStore
 from kubemeter.agent.telemetry import Telemetry
@@ -24,7 +22,7 @@ from kubemeter.pipeline.processors import Processor
 from kubemeter.sources.allocation import AllocationSource
 from kubemeter.sources.base import PodRecord, Reading, Source
 from kubemeter.sources.informer import Backoff, Informer, now_ms
-from kubemeter.sources.kubelet import KubeletUsageSource
+from kubemeter.sources.kubelet import KubeletPoller, KubeletUsageSource
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +78,7 @@ def build_source(
     world: World,
     interval_ms: int,
     not_before_ms: int,
-    kubelet: Callable[[], str],
-    token: Callable[[], str | None],
-    session: aiohttp.ClientSession,
-    telemetry: Telemetry,
+    kubelet: KubeletPoller,
 ) -> Source:
     """The one place that maps a meter's ``spec.source`` to a source module."""
     source = meter.spec.source
@@ -92,14 +87,7 @@ def build_source(
         return AllocationSource(world.pods, source.allocation.resource, basis)
     if source.kubelet_usage is not None:
         return KubeletUsageSource(
-            source.kubelet_usage.metric,
-            meter.spec.window_seconds * 1000,
-            interval_ms,
-            not_before_ms,
-            kubelet,
-            token,
-            session,
-            on_error=telemetry.source_error,
+            source.kubelet_usage.metric, meter.spec.window_seconds * 1000, interval_ms, not_before_ms, kubelet
         )
     raise ValueError(
         f"meter {meter.namespace}/{meter.name}: source {source.summary()} has no agent module yet; "

@@ -26,7 +26,7 @@ from kubemeter.output import EventOutput
 from kubemeter.sources.allocation import held_interval
 from kubemeter.sources.informer import Informer, now_ms
 from kubemeter.sources.kube import KubeApi, KubeCredentials
-from kubemeter.sources.kubelet import kubelet_stats_url
+from kubemeter.sources.kubelet import KubeletPoller, kubelet_stats_url
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,15 @@ class Agent:
             pods.healthy_through_ms = self.store.last_heartbeat_ms() or 0
             self.world = World(self.config.cluster, self.node_name, pods, namespaces)
             self.api, self.session, self.credentials = api, session, credentials
+            self.kubelet = KubeletPoller(
+                self.config.interval_seconds * 1000,
+                self._kubelet_url,
+                lambda: credentials.token,
+                session,
+                on_error=self.telemetry.source_error,
+            )
             background = [
+                asyncio.create_task(self.kubelet.run(), name="kubelet"),
                 asyncio.create_task(pods.run(), name="pod watch"),
                 asyncio.create_task(namespaces.run(), name="namespace watch"),
                 asyncio.create_task(self._refresh_node(), name="node"),
@@ -136,10 +144,7 @@ class Agent:
             self.world,
             config.interval_seconds * 1000,
             not_before_ms,
-            self._kubelet_url,
-            lambda: self.credentials.token,
-            self.session,
-            self.telemetry,
+            self.kubelet,
         )
         runner = MeterRunner(
             meter,

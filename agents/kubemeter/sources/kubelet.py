@@ -103,50 +103,49 @@ def parse_summary(body: str) -> dict[str, tuple[str, str, Mapping[str, Any]]]:
         ) from error
 
 
-class KubeletUsageSource:
+class KubeletPoller:
+    """Reads ``/stats/summary`` once per interval for every kubelet meter of the agent.
+
+    One read feeds all of them, so the CPU and memory meters see the same samples (and the kubelet
+    one request per interval, not one per meter)."""
+
     def __init__(
         self,
-        metric: Metric,
-        window_ms: int,
         interval_ms: int,
-        not_before_ms: int,
         stats_url: Callable[[], str],
         token: Callable[[], str | None],
         session: aiohttp.ClientSession,
         on_error: Callable[[str, BaseException], None] = lambda source, error: None,
     ) -> None:
-        self.metric = metric
-        self.window_ms = window_ms
         self.interval_ms = interval_ms
-        # A sample later than this after the previous one means polls were missed.
-        self.max_step_ms = interval_ms * 5 // 2
-        self.not_before_ms = not_before_ms
         self.stats_url = stats_url
         self.token = token
         self.session = session
         self.on_error = on_error
-        self.pods: dict[str, PodUsage] = {}
-        self.closed_through_ms = not_before_ms
-        self.observed_ms = 0
-        self.last_error: str | None = None
-        self.scale = -9 if metric == "cpu" else -3  # core-ns -> core-s; byte-ms -> byte-s
+        self.subscribers: list[KubeletUsageSource] = []
 
-    # ---- observing ------------------------------------------------------------------------------
     async def run(self) -> None:
         backoff = Backoff(initial_s=self.interval_ms / 2000, max_s=max(30.0, self.interval_ms / 1000))
         while True:
+            if not self.subscribers:
+                await asyncio.sleep(self.interval_ms / 1000)
+                continue
             try:
-                body = await self._fetch()
-                self.ingest(parse_summary(body), polled_at_ms=now_ms())
-                self.last_error = None
+                pods = parse_summary(await self._fetch())
+                polled_at_ms = now_ms()
+                for source in list(self.subscribers):
+                    source.ingest(pods, polled_at_ms)
+                    source.last_error = None
                 backoff.reset()
                 await asyncio.sleep(self.interval_ms / 1000)
             except asyncio.CancelledError:
                 raise
             except (aiohttp.ClientError, OSError, TimeoutError, KubeletStatsError) as error:
-                self.last_error = f"kubelet stats unavailable: {type(error).__name__}: {error}"
+                reason = f"kubelet stats unavailable: {type(error).__name__}: {error}"
+                for source in self.subscribers:
+                    source.last_error = reason
                 self.on_error("kubelet", error)
-                log.warning("%s; retrying", self.last_error)
+                log.warning("%s; retrying", reason)
                 await asyncio.sleep(backoff.next_delay_s())
 
     async def _fetch(self) -> str:
@@ -167,6 +166,30 @@ class KubeletUsageSource:
             if response.status >= 400:
                 raise KubeletStatsError(f"kubelet answered {response.status}: {body[:200]}")
             return body
+
+
+class KubeletUsageSource:
+    def __init__(
+        self, metric: Metric, window_ms: int, interval_ms: int, not_before_ms: int, poller: KubeletPoller
+    ) -> None:
+        self.metric = metric
+        self.window_ms = window_ms
+        # A sample later than this after the previous one means polls were missed.
+        self.max_step_ms = interval_ms * 5 // 2
+        self.not_before_ms = not_before_ms
+        self.poller = poller
+        self.pods: dict[str, PodUsage] = {}
+        self.closed_through_ms = not_before_ms
+        self.observed_ms = 0
+        self.last_error: str | None = None
+        self.scale = -9 if metric == "cpu" else -3  # core-ns -> core-s; byte-ms -> byte-s
+
+    async def run(self) -> None:
+        self.poller.subscribers.append(self)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self.poller.subscribers.remove(self)
 
     def ingest(self, pods: Mapping[str, tuple[str, str, Mapping[str, Any]]], polled_at_ms: int) -> None:
         """Fold one summary into the per-window amounts (pure apart from ``self``)."""
