@@ -80,7 +80,7 @@ def test_restarts_do_not_release_the_pods_resources() -> None:
 
 
 def test_effective_request_is_max_of_init_containers_and_sum_of_app_containers() -> None:
-    spec = {
+    spec: dict[str, Any] = {
         "initContainers": [{"name": "fetch", "resources": {"requests": {"cpu": "3"}}}],
         "containers": [
             {"name": "a", "resources": {"requests": {"cpu": "1"}}},
