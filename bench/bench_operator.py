@@ -37,7 +37,7 @@ from kubemeter.config import CollectorSpec
 from kubemeter_operator.builders import CollectorRef, build_children
 from kubemeter_operator.settings import OperatorSettings
 
-from tests.support.controlplane import REPO_ROOT, ControlPlane
+from tests.support.controlplane import REPO_ROOT, ControlPlane, FakeNode
 
 EXAMPLE = REPO_ROOT / "examples" / "gpu-chargeback.yaml"
 CHILDREN_GOAL_S = 2.0
@@ -53,9 +53,9 @@ CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
 
 @contextlib.contextmanager
-def control_plane(state_dir: Path) -> Iterator[ControlPlane]:
-    """The local control plane with the CRDs installed."""
-    plane = ControlPlane(state_dir)
+def control_plane(state_dir: Path, nodes: list[FakeNode] | None = None) -> Iterator[ControlPlane]:
+    """The local control plane (the default fake nodes unless ``nodes``) with the CRDs installed."""
+    plane = ControlPlane(state_dir) if nodes is None else ControlPlane(state_dir, nodes=nodes)
     plane.start()
     try:
         plane.kubectl("apply", "--server-side", "-f", str(REPO_ROOT / "crds"))
@@ -128,14 +128,21 @@ class RssSampler:
             self._stop.wait(self.interval_s)
 
 
-@contextlib.contextmanager
 def kubemeter_process(
     args: list[str], log_path: Path, env: dict[str, str] | None = None
-) -> Iterator[subprocess.Popen[bytes]]:
+) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
     """``python -m kubemeter_cli <args>``, stopped with SIGTERM (then SIGKILL) on exit."""
+    return python_process(["-m", "kubemeter_cli", *args], log_path, env)
+
+
+@contextlib.contextmanager
+def python_process(
+    argv: list[str], log_path: Path, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``python <argv>`` in its own session, logging to ``log_path``; stopped on exit."""
     with log_path.open("ab") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "kubemeter_cli", *args],
+            [sys.executable, *argv],
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
