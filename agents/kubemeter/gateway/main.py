@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import logging
 import signal
 from collections.abc import Sequence
@@ -126,6 +127,7 @@ def main(argv: Sequence[str]) -> int:
     )
     args = parser.parse_args(list(argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1 dumps every thread's stack
     try:
         config = GatewayConfig.from_yaml(args.config.read_text())
     except (OSError, ValueError) as error:

@@ -185,12 +185,11 @@ class DurableQueue:
         def connect() -> tuple[sqlite3.Connection, VolumeBudget]:
             path.parent.mkdir(parents=True, exist_ok=True)
             budget = VolumeBudget.for_volume(path.parent)
-            connection = open_connection(path, synchronous="FULL")
+            # incremental vacuum lets maintenance hand freed pages back to the volume.
+            connection = open_connection(path, synchronous="FULL", incremental_vacuum=True)
             connection.execute(f"PRAGMA wal_autocheckpoint={budget.wal_checkpoint_pages}")
             # After a checkpoint the WAL is cut back, so a drained queue gives the disk back.
             connection.execute(f"PRAGMA journal_size_limit={2 * budget.wal_checkpoint_pages * _PAGE_BYTES}")
-            # Only takes effect on a new file: lets maintenance hand freed pages back to the volume.
-            connection.execute("PRAGMA auto_vacuum=INCREMENTAL")
             connection.executescript(SCHEMA)
             return connection, budget
 
@@ -502,7 +501,10 @@ class DurableQueue:
         (free_pages,) = connection.execute("PRAGMA freelist_count").fetchone()
         if free_pages >= _VACUUM_MIN_PAGES:
             # Delivered rows leave free pages; give them back so the volume (and the reserve) recover.
+            # The file shrinks only when the WAL is checkpointed, so do that now rather than waiting for
+            # a write that a full volume would refuse.
             connection.execute(f"PRAGMA incremental_vacuum({_VACUUM_STEP_PAGES})").fetchall()
+            connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         self._keep_reserve()
         # data_version changes only when ANOTHER connection commits (``kubemeter dlq replay``).
         version = int(connection.execute("PRAGMA data_version").fetchone()[0])

@@ -36,10 +36,17 @@ class _Job:
     write: bool
 
 
-def open_connection(path: Path, *, synchronous: str = "FULL") -> sqlite3.Connection:
-    """A connection in WAL mode; autocommit off at the driver level (we issue BEGIN ourselves)."""
+def open_connection(
+    path: Path, *, synchronous: str = "FULL", incremental_vacuum: bool = False
+) -> sqlite3.Connection:
+    """A connection in WAL mode; autocommit off at the driver level (we issue BEGIN ourselves).
+
+    ``incremental_vacuum`` applies to a new file only (it must be set before anything is written).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+    if incremental_vacuum:
+        connection.execute("PRAGMA auto_vacuum=INCREMENTAL")
     connection.execute("PRAGMA journal_mode=WAL")
     connection.execute(f"PRAGMA synchronous={synchronous}")
     return connection

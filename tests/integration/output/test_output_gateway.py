@@ -212,8 +212,24 @@ async def test_full_volume_pushes_agents_back_then_everything_drains(tmp_path: P
     pushed_back = 0
     try:
         await gateway.wait_ready()
-        for chunk in range(1000):
+
+        def gateway_refused() -> bool:
+            return "503" in (agent.forwarder.status.last_error or "")
+
+        # Fill the gateway's volume through the agent, one chunk at a time, until it answers 503.
+        chunk = 0
+        while not gateway_refused():
             events = usage_events(200, prefix=f"c{chunk:04d}")
+            await agent.write(events)
+            accepted |= {event.id for event in events}
+            chunk += 1
+            await eventually(
+                lambda: agent.stats().events == 0 or gateway_refused(), timeout_s=60, what="forwarding"
+            )
+        # The gateway pushes back, so the agent's spool fills until it pushes back on metering.
+        reason = ""
+        for later in range(chunk, chunk + 1000):
+            events = usage_events(200, prefix=f"c{later:04d}")
             try:
                 await agent.write(events)
             except OutputFullError as full:
@@ -221,7 +237,6 @@ async def test_full_volume_pushes_agents_back_then_everything_drains(tmp_path: P
                 reason = str(full)
                 break
             accepted |= {event.id for event in events}
-            await asyncio.sleep(0)  # let the forwarder run between writes, as metering would
         assert pushed_back, "the agent's spool never filled"
         gateway_status = await gateway.status()
         forward_error = agent.forwarder.status.last_error or ""
