@@ -307,25 +307,44 @@ class Demo:
     def progress(self, prefix: str) -> None:
         stats = self._get(f"{self.sink_url}/_sink/stats") or {}
         gateway = self._get(f"{self.gateway_url}/status") or {}
-        self.say(f"{prefix}; sink has {stats.get('events', stats)} events; gateway buffer {gateway}")
+        self.say(
+            f"{prefix}; gateway buffer {gateway.get('bufferedEvents', '?')} events, "
+            f"delivered {gateway.get('deliveredEvents', '?')}; "
+            f"sink holds {stats.get('storedEvents', '?')} events"
+        )
 
-    def wait_for_delivery(self) -> None:
+    def wait_for_delivery(self, timeout_s: float = 180) -> None:
         """Every meter's last window closes at the next boundary after the last release; then the
-        agents' interval and the gateway's batch delay pass."""
+        agents' interval and the gateway's batch delay pass. Waits until the sink's totals equal the
+        ground truth, or until ``timeout_s`` after the close (the table then shows what differs)."""
+        assert self.plane is not None
         window_s = 60
         last_release = max(h["released"] for h in self.held.values())
         closes_at = (int(last_release) // window_s + 1) * window_s
-        while time.time() < closes_at + 40:
+        truth = self.truth()
+        while time.time() < closes_at + timeout_s:
             self.check_processes()
-            self.progress(f"final windows close in {max(0, int(closes_at - time.time()))} s")
-            time.sleep(5)
-        previous: Any = None
-        for _ in range(60):
-            current = self._get(f"{self.sink_url}/_sink/stats")
-            if current == previous:
+            rows = chargeback_rows(self.metered())
+            metered = {f"{r['subject']}|{r['meter']}|{r['gpu_model']}": r["value"] for r in rows}
+            if metered == truth:
+                self.say("every window reached the sink")
                 return
-            previous = current
-            time.sleep(3)
+            waiting = (
+                f"final windows close in {int(closes_at - time.time())} s"
+                if time.time() < closes_at
+                else (
+                    f"{sum(1 for k in truth if metered.get(k) != truth[k])} of {len(truth)} totals "
+                    "still arriving"
+                )
+            )
+            self.progress(waiting)
+            time.sleep(5)
+        self.say(f"gave up waiting {timeout_s:.0f} s after the last window closed")
+
+    def truth(self) -> dict[str, Decimal]:
+        assert self.plane is not None
+        models = {n.name: n.labels.get("nvidia.com/gpu.product", "") for n in self.plane.nodes}
+        return ground_truth(self.held, models)
 
     # ---- report ----------------------------------------------------------------------------------
     def report(self) -> dict[str, Any]:
@@ -339,6 +358,8 @@ class Demo:
         self.out.mkdir(parents=True, exist_ok=True)
         summary = {"rows": rows, "ground_truth": truth, "sink": self.sink_url}
         (self.out / "chargeback.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        stored = self._get(f"{self.sink_url}/api/v1/usage/events") or {}
+        (self.out / "sink-events.json").write_text(json.dumps(stored.get("events", []), indent=2) + "\n")
         with contextlib.suppress(FileNotFoundError, subprocess.CalledProcessError):
             subprocess.run(
                 [
@@ -498,12 +519,14 @@ def main(argv: list[str] | None = None) -> int:
         demo.run_workloads(chosen)
         demo.wait_for_delivery()
         summary = demo.report()
-    mismatched = [
-        r
-        for r in summary["rows"]
-        if summary["ground_truth"].get(f"{r['subject']}|{r['meter']}|{r['gpu_model']}") != r["value"]
-    ]
-    return 1 if mismatched or not summary["rows"] else 0
+    metered = {f"{r['subject']}|{r['meter']}|{r['gpu_model']}": r["value"] for r in summary["rows"]}
+    differing = sorted(
+        k for k in {*metered, *summary["ground_truth"]} if metered.get(k) != summary["ground_truth"].get(k)
+    )
+    if differing:
+        print(f"metered totals differ from the ground truth for: {', '.join(differing)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
