@@ -19,13 +19,17 @@ Lifecycle, as the agent drives it::
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
+from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from kubemeter.metering.windows import Window
-from kubemeter.sources.informer import CachedObject
+from kubemeter.sources.informer import Backoff, CachedObject
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,9 @@ class Reading:
     part: str = ""  # container name or device id; "" for the whole pod; part of the event id
     complete: bool = True
     incomplete_reason: str | None = None
+    # What the source knows about the reading that the pod does not say (Run:ai project, GPU model,
+    # how a shared GPU was split); merged into the event's data.
+    dimensions: Mapping[str, str] = field(default_factory=dict)
 
 
 # The pods the agent knows on this node (live, deleted, restored from the checkpoint), by uid.
@@ -73,3 +80,121 @@ class Source(Protocol):
         ...
 
     def restore(self, state: Mapping[str, Any]) -> None: ...
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pieces the sources share
+
+
+class Progress:
+    """How far a source has observed and why it is behind: the two things the agent asks of it."""
+
+    observed_ms: int = 0
+    last_error: str | None = None
+
+    def observed_through_ms(self) -> int:
+        return self.observed_ms
+
+    def fault(self) -> str | None:
+        return self.last_error
+
+
+@dataclass
+class WindowAmounts:
+    """One key's integer amounts per window (by window start) and why a window is incomplete."""
+
+    by_window: dict[int, int] = field(default_factory=dict)
+    gaps: dict[int, str] = field(default_factory=dict)
+
+    def to_json(self) -> list[Any]:
+        return [{str(k): v for k, v in self.by_window.items()}, {str(k): v for k, v in self.gaps.items()}]
+
+    @classmethod
+    def from_json(cls, data: list[Any]) -> WindowAmounts:
+        by_window, gaps = data
+        return cls({int(k): int(v) for k, v in by_window.items()}, {int(k): str(v) for k, v in gaps.items()})
+
+
+Key = TypeVar("Key", bound=Hashable)
+
+
+class WindowLedger(Generic[Key]):
+    """Amounts accumulated per key (a pod, a pod and device, ...) and window, until the agent commits
+    the window. Amounts and flags for a window already closed (during an outage, flagged) are
+    dropped: that window's event is written and its id is final."""
+
+    def __init__(self, closed_through_ms: int) -> None:
+        self.closed_through_ms = closed_through_ms
+        self.entries: dict[Key, WindowAmounts] = {}
+
+    def entry(self, key: Key) -> WindowAmounts:
+        found = self.entries.get(key)
+        if found is None:
+            found = self.entries[key] = WindowAmounts()
+        return found
+
+    def add(self, key: Key, shares: Mapping[int, int]) -> None:
+        """Add ``window start -> amount`` to the key's open windows."""
+        entry = self.entry(key)
+        for window_start_ms, amount in shares.items():
+            if window_start_ms >= self.closed_through_ms:
+                entry.by_window[window_start_ms] = entry.by_window.get(window_start_ms, 0) + amount
+
+    def flag(self, key: Key, window_starts: Iterable[int], reason: str) -> None:
+        """Mark the key's open windows incomplete; the first reason given for a window is kept."""
+        entry = self.entry(key)
+        for window_start_ms in window_starts:
+            if window_start_ms >= self.closed_through_ms:
+                entry.gaps.setdefault(window_start_ms, reason)
+
+    def get(self, key: Key, window_start_ms: int) -> tuple[int | None, str | None]:
+        """The key's amount for a window (None when nothing was added) and its gap reason."""
+        entry = self.entries.get(key)
+        if entry is None:
+            return None, None
+        return entry.by_window.get(window_start_ms), entry.gaps.get(window_start_ms)
+
+    def commit(self, window: Window) -> None:
+        """The window's events are on disk: drop what lies before its end, and keys left empty."""
+        self.closed_through_ms = max(self.closed_through_ms, window.end_ms)
+        for key in list(self.entries):
+            entry = self.entries[key]
+            entry.by_window = {k: v for k, v in entry.by_window.items() if k >= window.end_ms}
+            entry.gaps = {k: v for k, v in entry.gaps.items() if k >= window.end_ms}
+            if not entry.by_window and not entry.gaps:
+                del self.entries[key]
+
+    def to_json(self, key_to_json: Callable[[Key], Any]) -> dict[str, Any]:
+        return {
+            "closed_through_ms": self.closed_through_ms,
+            "entries": [[key_to_json(key), entry.to_json()] for key, entry in self.entries.items()],
+        }
+
+    def restore(self, state: Mapping[str, Any], key_from_json: Callable[[Any], Key]) -> None:
+        self.closed_through_ms = max(self.closed_through_ms, int(state["closed_through_ms"]))
+        self.entries = {key_from_json(key): WindowAmounts.from_json(entry) for key, entry in state["entries"]}
+
+
+async def poll_with_backoff(
+    poll: Callable[[], Awaitable[None]],
+    interval_s: float,
+    backoff: Backoff,
+    expected: tuple[type[Exception], ...],
+    unexpected: Callable[[Exception], None],
+) -> None:
+    """Call ``poll`` every ``interval_s`` forever. A fault ``poll`` already recorded (one of
+    ``expected``) waits out the backoff and tries again; anything else is handed to ``unexpected``
+    (so the source can report it) and retried the same way: a source never dies of a fault."""
+    while True:
+        try:
+            await poll()
+            backoff.reset()
+            await asyncio.sleep(interval_s)
+        except asyncio.CancelledError:
+            raise
+        except expected:
+            await asyncio.sleep(backoff.next_delay_s())
+        except Exception as error:  # a defect or a surprise from a library: report it, keep going
+            log.exception("source poll failed unexpectedly; retrying")
+            unexpected(error)
+            await asyncio.sleep(backoff.next_delay_s())

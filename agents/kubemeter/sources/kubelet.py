@@ -14,7 +14,7 @@ import logging
 import os
 import ssl
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Literal
 
@@ -24,7 +24,7 @@ from kubemeter.metering.counters import CounterSample, counter_delta, first_delt
 from kubemeter.metering.gauges import GaugeSample, integrate_gauge
 from kubemeter.metering.pods import parse_time_ms
 from kubemeter.metering.windows import Window
-from kubemeter.sources.base import PodRecord, Reading
+from kubemeter.sources.base import PodRecord, Progress, Reading, WindowLedger
 from kubemeter.sources.informer import Backoff, now_ms
 
 log = logging.getLogger(__name__)
@@ -60,33 +60,15 @@ def kubelet_ssl_context() -> ssl.SSLContext | bool:
 
 
 @dataclass
-class PodUsage:
-    """Per-pod state between polls; all of it is saved with the cursor."""
+class PodCounter:
+    """A pod's previous sample, the left end of its next step; saved with the cursor."""
 
     last_time_ms: int
     last_value: int
     counter_start_ms: int | None
-    by_window: dict[int, int] = field(default_factory=dict)  # window start -> amount
-    gaps: dict[int, str] = field(default_factory=dict)  # window start -> why it is incomplete
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "t": self.last_time_ms,
-            "v": self.last_value,
-            "s": self.counter_start_ms,
-            "w": {str(k): v for k, v in self.by_window.items()},
-            "g": {str(k): v for k, v in self.gaps.items()},
-        }
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> PodUsage:
-        return cls(
-            data["t"],
-            data["v"],
-            data["s"],
-            {int(k): v for k, v in data["w"].items()},
-            {int(k): v for k, v in data["g"].items()},
-        )
+    def to_json(self) -> list[int | None]:
+        return [self.last_time_ms, self.last_value, self.counter_start_ms]
 
 
 def parse_summary(body: str) -> dict[str, tuple[str, str, Mapping[str, Any]]]:
@@ -168,7 +150,7 @@ class KubeletPoller:
             return body
 
 
-class KubeletUsageSource:
+class KubeletUsageSource(Progress):
     def __init__(
         self, metric: Metric, window_ms: int, interval_ms: int, not_before_ms: int, poller: KubeletPoller
     ) -> None:
@@ -178,10 +160,8 @@ class KubeletUsageSource:
         self.max_step_ms = interval_ms * 5 // 2
         self.not_before_ms = not_before_ms
         self.poller = poller
-        self.pods: dict[str, PodUsage] = {}
-        self.closed_through_ms = not_before_ms
-        self.observed_ms = 0
-        self.last_error: str | None = None
+        self.pods: dict[str, PodCounter] = {}
+        self.ledger: WindowLedger[str] = WindowLedger(not_before_ms)
         self.scale = -9 if metric == "cpu" else -3  # core-ns -> core-s; byte-ms -> byte-s
 
     async def run(self) -> None:
@@ -202,11 +182,11 @@ class KubeletUsageSource:
             oldest_ms = min(oldest_ms, time_ms)
             state = self.pods.get(uid)
             if state is None:
-                state = PodUsage(time_ms, value, start_ms)
+                state = PodCounter(time_ms, value, start_ms)
                 self.pods[uid] = state
                 if self.metric == "cpu":
                     delta = first_delta(CounterSample(time_ms, value, start_ms), self.not_before_ms)
-                    self._add(state, spread(delta.amount, delta.from_ms, delta.to_ms, self.window_ms))
+                    self.ledger.add(uid, spread(delta.amount, delta.from_ms, delta.to_ms, self.window_ms))
                 continue
             if time_ms <= state.last_time_ms:
                 continue  # the kubelet's cached stats did not move
@@ -217,13 +197,13 @@ class KubeletUsageSource:
                     CounterSample(time_ms, value, start_ms),
                 )
                 shares = spread(delta.amount, delta.from_ms, delta.to_ms, self.window_ms)
-                self._add(state, shares)
+                self.ledger.add(uid, shares)
                 if gap:
                     reason = (
                         f"no kubelet sample from {state.last_time_ms} to {time_ms} ms; the counter "
                         "delta over the gap is spread evenly"
                     )
-                    self._flag(state, list(shares), reason)
+                    self.ledger.flag(uid, shares, reason)
             else:
                 step = integrate_gauge(
                     GaugeSample(state.last_time_ms, state.last_value),
@@ -231,9 +211,9 @@ class KubeletUsageSource:
                     self.max_step_ms,
                     self.window_ms,
                 )
-                self._add(state, step.value_ms_by_window)
+                self.ledger.add(uid, step.value_ms_by_window)
                 reason = f"no kubelet sample from {state.last_time_ms} to {time_ms} ms; memory not observed"
-                self._flag(state, list(step.gap_ms_by_window), reason)
+                self.ledger.flag(uid, step.gap_ms_by_window, reason)
             state.last_time_ms, state.last_value, state.counter_start_ms = time_ms, value, start_ms
         self.observed_ms = max(self.observed_ms, oldest_ms)
 
@@ -245,30 +225,12 @@ class KubeletUsageSource:
         start = stats.get("startTime")
         return parse_time_ms(section["time"]), int(section[key]), parse_time_ms(start) if start else None
 
-    def _add(self, state: PodUsage, shares: Mapping[int, int]) -> None:
-        for window_start_ms, amount in shares.items():
-            if window_start_ms < self.closed_through_ms:
-                continue  # that window was already closed (flagged) during the outage
-            state.by_window[window_start_ms] = state.by_window.get(window_start_ms, 0) + amount
-
-    def _flag(self, state: PodUsage, window_starts: list[int], reason: str) -> None:
-        for window_start_ms in window_starts:
-            if window_start_ms >= self.closed_through_ms:
-                state.gaps.setdefault(window_start_ms, reason)
-
-    # ---- the Source interface ---------------------------------------------------------------------
-    def observed_through_ms(self) -> int:
-        return self.observed_ms
-
-    def fault(self) -> str | None:
-        return self.last_error
-
+    # ---- the Source interface (observed_through_ms and fault from Progress) -----------------------
     def readings(self, window: Window, pods: Mapping[str, PodRecord]) -> list[Reading]:
         readings: list[Reading] = []
         late = window.end_ms > self.observed_ms
         for uid, state in self.pods.items():
-            amount = state.by_window.get(window.start_ms)
-            reason = state.gaps.get(window.start_ms)
+            amount, reason = self.ledger.get(uid, window.start_ms)
             still_running = (
                 state.last_time_ms < window.end_ms and uid in pods and pods[uid].deleted_at_ms is None
             )
@@ -281,25 +243,26 @@ class KubeletUsageSource:
         return readings
 
     def committed(self, window: Window) -> None:
-        self.closed_through_ms = max(self.closed_through_ms, window.end_ms)
+        self.ledger.commit(window)
         for uid in list(self.pods):
-            state = self.pods[uid]
-            state.by_window = {k: v for k, v in state.by_window.items() if k >= window.end_ms}
-            state.gaps = {k: v for k, v in state.gaps.items() if k >= window.end_ms}
+            amounts = self.ledger.entries.get(uid)
             # A pod gone from the summary for a whole window after its last sample is finished.
-            if not state.by_window and state.last_time_ms + self.window_ms < window.start_ms:
+            if (amounts is None or not amounts.by_window) and (
+                self.pods[uid].last_time_ms + self.window_ms < window.start_ms
+            ):
                 del self.pods[uid]
+                self.ledger.entries.pop(uid, None)
 
     def snapshot(self) -> dict[str, Any]:
         return {
-            "closed_through_ms": self.closed_through_ms,
             "observed_ms": self.observed_ms,
             "pods": {uid: state.to_json() for uid, state in self.pods.items()},
+            "ledger": self.ledger.to_json(str),
         }
 
     def restore(self, state: Mapping[str, Any]) -> None:
         if not state:
             return
-        self.closed_through_ms = max(self.closed_through_ms, int(state["closed_through_ms"]))
         self.observed_ms = int(state["observed_ms"])
-        self.pods = {uid: PodUsage.from_json(data) for uid, data in state["pods"].items()}
+        self.pods = {uid: PodCounter(*data) for uid, data in state["pods"].items()}
+        self.ledger.restore(state["ledger"], str)

@@ -13,7 +13,6 @@ from kubemeter.sources.runai import (
     RunaiAuthError,
     RunaiClient,
     RunaiCredentials,
-    RunaiReading,
     RunaiSource,
     RunaiUnavailableError,
     integrate,
@@ -127,7 +126,6 @@ async def test_gpu_seconds_per_pod_of_this_node_with_project_and_department(
         "uid-4": (Decimal(60), True),
     }
     first = source.readings(window(0), {})[0]
-    assert isinstance(first, RunaiReading)
     assert first.dimensions == {"project": "vision", "department": "research", "workload": "resnet"}
     # 5 pods at 2 per page: 3 pages per listing, nothing read twice or skipped.
     assert emulator.requests.count("GET /api/v1/workloads/pods") == 2 * 3

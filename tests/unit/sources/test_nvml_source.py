@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 from kubemeter.metering.windows import Window
-from kubemeter.sources.nvml import NvmlEdge, NvmlReading, NvmlSource, NvmlUnavailableError
+from kubemeter.sources.base import Reading
+from kubemeter.sources.nvml import NvmlEdge, NvmlSource, NvmlUnavailableError
 from kubemeter.sources.podresources import DeviceAssignment, PodResourcesUnavailableError
 
 from tests.unit.sources.fake_pynvml import FakeGpu, FakeNvml
@@ -73,9 +74,12 @@ def source_for(
     return source, fake, clock
 
 
-def by_pod(readings: list[NvmlReading]) -> dict[str, tuple[Decimal, bool, str | None, str]]:
+def by_pod(readings: list[Reading]) -> dict[str, tuple[Decimal, bool, str | None, str]]:
     names = {uid: name for name, uid in UIDS.items()}
-    return {names[r.pod_uid]: (r.value, r.complete, r.incomplete_reason, r.attribution) for r in readings}
+    return {
+        names[r.pod_uid]: (r.value, r.complete, r.incomplete_reason, r.dimensions["attribution"])
+        for r in readings
+    }
 
 
 async def test_an_exclusive_gpu_at_half_utilization_for_a_minute_is_thirty_gpu_seconds(
@@ -90,6 +94,11 @@ async def test_an_exclusive_gpu_at_half_utilization_for_a_minute_is_thirty_gpu_s
     readings = source.readings(WINDOW, {})
     assert by_pod(readings) == {"train-a": (Decimal(30), True, None, "exclusive")}
     assert readings[0].part == "GPU-a"
+    assert readings[0].dimensions == {
+        "gpu": "GPU-a",
+        "gpu_model": "NVIDIA H100 80GB HBM3",
+        "attribution": "exclusive",
+    }
 
 
 async def test_energy_is_the_counter_delta_and_a_driver_reload_is_flagged_not_guessed(

@@ -6,24 +6,24 @@ attributes every step between two readings to the holders of the device during t
 - an **exclusively held** GPU or MIG instance gives its holder the whole device value (exact);
 - a **shared** GPU (time-slicing or MPS replicas) is split by the per-process SM-utilization samples
   of each holder's processes (busy time, energy) or by each holder's own process memory (memory) —
-  an approximation, and the event says so (``attribution``);
+  an approximation, and the event says so (``attribution: process-share``);
 - a **MIG** instance has no NVML utilization (its readings are flagged incomplete) and shares its
   parent's energy counter, split over the parent's instances by their memory size.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
+from pathlib import Path
 from typing import Any, Literal
 
 from kubemeter.metering.counters import CounterSample, counter_delta, spread
 from kubemeter.metering.gauges import GaugeSample, integrate_gauge
 from kubemeter.metering.windows import Window
-from kubemeter.sources.base import PodRecord, Reading
+from kubemeter.sources.base import PodRecord, Progress, Reading, WindowLedger, poll_with_backoff
 from kubemeter.sources.informer import Backoff, now_ms
 from kubemeter.sources.nvml.edge import DeviceReading, NvmlEdge, NvmlSnapshot, NvmlUnavailableError
 from kubemeter.sources.podresources import DeviceOwnership, PodResourcesClient, PodResourcesUnavailableError
@@ -39,13 +39,6 @@ _SCALE = {"utilization": -5, "memoryUsed": -3, "energy": -3}
 UNITS = {"utilization": "GPU-seconds", "memoryUsed": "byte-seconds", "energy": "joules"}
 
 
-@dataclass(frozen=True)
-class NvmlReading(Reading):
-    """A reading that says how it was attributed: ``exclusive`` is exact, the others are shares."""
-
-    attribution: Attribution = "exclusive"
-
-
 @dataclass
 class DeviceState:
     """The previous reading of one device, the left end of the next step."""
@@ -54,15 +47,6 @@ class DeviceState:
     gauge: int | None  # utilization percent or memory bytes
     energy_mj: int | None
     process_memory_bytes: dict[str, int] = field(default_factory=dict)  # pod uid → bytes
-
-
-@dataclass
-class Usage:
-    """One (pod, device) pair's amounts per window, in the accumulation unit."""
-
-    attribution: Attribution
-    by_window: dict[int, int] = field(default_factory=dict)
-    gaps: dict[int, str] = field(default_factory=dict)
 
 
 def resolver_from_pods(pods: Callable[[], Mapping[str, PodRecord]]) -> PodUidResolver:
@@ -81,7 +65,10 @@ def resolver_from_pods(pods: Callable[[], Mapping[str, PodRecord]]) -> PodUidRes
     return resolve
 
 
-class NvmlSource:
+UsageKey = tuple[str, str]  # (pod uid, device uuid)
+
+
+class NvmlSource(Progress):
     def __init__(
         self,
         metric: NvmlMetric,
@@ -105,24 +92,28 @@ class NvmlSource:
         self.on_error = on_error
         self.ownership = DeviceOwnership()
         self.devices: dict[str, DeviceState] = {}
-        self.usage: dict[tuple[str, str], Usage] = {}  # (pod uid, device uuid) → usage
-        self.closed_through_ms = not_before_ms
-        self.observed_ms = 0
-        self.last_error: str | None = None
-        self._nvml_missing_logged = False
+        self.models: dict[str, str] = {}  # device uuid → NVML's name for it, for the event
+        self.usage: WindowLedger[UsageKey] = WindowLedger(not_before_ms)
+        # How each (pod, device) pair was attributed: ``exclusive`` is exact, the others are shares.
+        self.attribution: dict[UsageKey, Attribution] = {}
+        self._fault_logged = False
 
     # ---- observing ------------------------------------------------------------------------------
     async def run(self) -> None:
-        backoff = Backoff(initial_s=self.interval_ms / 2000, max_s=max(60.0, self.interval_ms / 1000))
-        while True:
-            try:
-                await self.poll()
-                backoff.reset()
-                await asyncio.sleep(self.interval_ms / 1000)
-            except asyncio.CancelledError:
-                raise
-            except (PodResourcesUnavailableError, NvmlUnavailableError):
-                await asyncio.sleep(backoff.next_delay_s())
+        try:
+            await poll_with_backoff(
+                self.poll,
+                self.interval_ms / 1000,
+                Backoff(initial_s=self.interval_ms / 2000, max_s=max(60.0, self.interval_ms / 1000)),
+                (PodResourcesUnavailableError, NvmlUnavailableError),
+                lambda error: self._fault("nvml source", error),
+            )
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        await self.pod_resources.close()
+        await self.edge.close()
 
     async def poll(self) -> None:
         """One pass: ownership, then NVML. Faults are recorded, not raised past :meth:`run`."""
@@ -138,6 +129,7 @@ class NvmlSource:
         if not self.ownership.intervals() and not self.devices:
             # No GPU is held on this node: nothing to read, so a node without a driver is fine.
             self.last_error = None
+            self._fault_logged = False
             self.observed_ms = max(self.observed_ms, at_ms)
             return
         try:
@@ -146,16 +138,16 @@ class NvmlSource:
             self._fault("nvml", error)
             raise
         self.last_error = None
-        self._nvml_missing_logged = False
+        self._fault_logged = False
         self.ingest(snapshot)
 
     def _fault(self, part: str, error: Exception) -> None:
         self.last_error = f"{part} unavailable: {error}"
         self.on_error(part, error)
-        if not self._nvml_missing_logged:
+        if not self._fault_logged:
             # Logged once per outage: a node without a driver must not flood the log every pass.
             log.warning("%s; retrying with backoff", self.last_error)
-            self._nvml_missing_logged = True
+            self._fault_logged = True
 
     def ingest(self, snapshot: NvmlSnapshot) -> None:
         """Fold one NVML pass into the per-window amounts (pure apart from ``self``)."""
@@ -169,13 +161,14 @@ class NvmlSource:
         for uuid, reading in sorted(snapshot.devices.items()):
             previous = self.devices.get(uuid)
             self.devices[uuid] = self._state(reading, now)
+            self.models[uuid] = reading.name
             if previous is None or now <= previous.time_ms:
                 continue
             self._attribute_step(uuid, reading, previous, now, mig_memory)
         for uuid, reason in snapshot.device_errors.items():
             for holder, _ in self.ownership.holders_during(uuid, self.observed_ms, now):
-                usage = self._usage(holder, uuid, "exclusive")
-                self._flag(usage, self._windows(self.observed_ms, now), reason)
+                key = self._usage(holder, uuid, "exclusive")
+                self.usage.flag(key, self._windows(self.observed_ms, now), reason)
         self.observed_ms = max(self.observed_ms, now)
 
     def _state(self, reading: DeviceReading, now: int) -> DeviceState:
@@ -206,13 +199,13 @@ class NvmlSource:
         # Weights for a shared device: SM-utilization samples of each pod's processes in this step.
         weights: dict[str, int] = {}
         for sample in reading.process_samples or ():
-            key = sample.pod_uid or ""
-            weights[key] = weights.get(key, 0) + sample.sm_util_percent
+            sample_pod = sample.pod_uid or ""
+            weights[sample_pod] = weights.get(sample_pod, 0) + sample.sm_util_percent
         total_weight = sum(weights.values())
 
         for holder, held_ms in holders:
             kind: Attribution = "mig-slice-share" if mig and self.metric == "energy" else attribution
-            usage = self._usage(holder, uuid, kind)
+            key = self._usage(holder, uuid, kind)
             if self.metric == "energy":
                 amounts, reason = self._energy_step(reading, previous, now, mig_memory)
             else:
@@ -220,16 +213,16 @@ class NvmlSource:
                 if self.metric == "memoryUsed" and shared:
                     gauge = previous.process_memory_bytes.get(holder.pod_uid, 0)
                 if gauge is None:
-                    self._flag(usage, windows, f"NVML reports no {self.metric} for {uuid} (MIG instance)")
+                    self.usage.flag(key, windows, f"NVML reports no {self.metric} for {uuid} (MIG instance)")
                     continue
                 step = integrate_gauge(
                     GaugeSample(previous.time_ms, gauge), now, self.max_step_ms, self.window_ms
                 )
                 amounts, reason = step.value_ms_by_window, None
                 if step.gap_ms_by_window:
-                    self._flag(
-                        usage,
-                        list(step.gap_ms_by_window),
+                    self.usage.flag(
+                        key,
+                        step.gap_ms_by_window,
                         f"no NVML reading of {uuid} from {previous.time_ms} to {now} ms",
                     )
             numerator, denominator = held_ms, step_ms
@@ -238,15 +231,16 @@ class NvmlSource:
                     numerator *= weights.get(holder.pod_uid, 0)
                     denominator *= total_weight
                 elif self.metric == "utilization" and any(amounts.values()):
-                    self._flag(usage, windows, f"{uuid} was busy but NVML gave no per-process samples")
+                    self.usage.flag(key, windows, f"{uuid} was busy but NVML gave no per-process samples")
                     continue
                 else:
                     # No process was busy: idle energy is shared by the holders in proportion to time.
                     denominator = sum(ms for _, ms in holders)
-            for window_start_ms, amount in amounts.items():
-                self._add(usage, window_start_ms, amount * numerator // denominator)
+            self.usage.add(
+                key, {start: amount * numerator // denominator for start, amount in amounts.items()}
+            )
             if reason:
-                self._flag(usage, windows, reason)
+                self.usage.flag(key, windows, reason)
 
     def _energy_step(
         self, reading: DeviceReading, previous: DeviceState, now: int, mig_memory: Mapping[str, int]
@@ -271,63 +265,52 @@ class NvmlSource:
             reason = f"no NVML reading of {reading.uuid} from {previous.time_ms} to {now} ms"
         return shares, reason
 
-    def _usage(self, holder: Holder, device: str, attribution: Attribution) -> Usage:
+    def _usage(self, holder: Holder, device: str, attribution: Attribution) -> UsageKey:
+        """The pair's key, recording how it is attributed (a share, once seen, stays a share)."""
         key = (holder.pod_uid, device)
-        usage = self.usage.get(key)
-        if usage is None:
-            usage = self.usage[key] = Usage(attribution)
-        elif attribution != "exclusive":
-            usage.attribution = attribution
-        return usage
+        if key not in self.attribution or attribution != "exclusive":
+            self.attribution[key] = attribution
+        return key
 
     def _windows(self, from_ms: int, to_ms: int) -> list[int]:
         first = from_ms - from_ms % self.window_ms
         return list(range(first, max(to_ms, from_ms + 1), self.window_ms))
 
-    def _add(self, usage: Usage, window_start_ms: int, amount: int) -> None:
-        if window_start_ms >= self.closed_through_ms:
-            usage.by_window[window_start_ms] = usage.by_window.get(window_start_ms, 0) + amount
-
-    def _flag(self, usage: Usage, window_starts: list[int], reason: str) -> None:
-        for window_start_ms in window_starts:
-            if window_start_ms >= self.closed_through_ms:
-                usage.gaps.setdefault(window_start_ms, reason)
-
-    # ---- the Source interface ---------------------------------------------------------------------
-    def observed_through_ms(self) -> int:
-        return self.observed_ms
-
-    def fault(self) -> str | None:
-        return self.last_error
-
+    # ---- the Source interface (observed_through_ms and fault from Progress) -----------------------
     def readings(self, window: Window, pods: Mapping[str, PodRecord]) -> list[Reading]:
         readings: list[Reading] = []
         late = window.end_ms > self.observed_ms
-        keys = set(self.usage)
+        keys = set(self.usage.entries)
         if late:
             # Holders we could not read at all during an outage still get a (flagged) reading.
             for interval in self.ownership.intervals():
                 if interval.overlap_ms(window.start_ms, window.end_ms) > 0:
                     keys.add((interval.holder.pod_uid, interval.device))
         for uid, device in sorted(keys):
-            usage = self.usage.get((uid, device)) or Usage("exclusive")
-            amount = usage.by_window.get(window.start_ms)
-            reason = usage.gaps.get(window.start_ms)
+            amount, reason = self.usage.get((uid, device), window.start_ms)
             if late and reason is None and self._holds(uid, device, window.end_ms):
                 reason = f"NVML not read since {self.observed_ms} ms ({self.last_error})"
             if amount is None and reason is None:
                 continue
             readings.append(
-                NvmlReading(
+                Reading(
                     uid,
                     Decimal(amount or 0).scaleb(_SCALE[self.metric]),
                     part=device,
                     complete=reason is None,
                     incomplete_reason=reason,
-                    attribution=usage.attribution,
+                    dimensions=self._dimensions(uid, device),
                 )
             )
         return readings
+
+    def _dimensions(self, uid: str, device: str) -> dict[str, str]:
+        """``gpu`` and ``gpu_model`` say which device; ``attribution`` whether the value is exact
+        (``exclusive``) or a share of a shared GPU (``process-share``, ``mig-slice-share``)."""
+        dimensions = {"gpu": device, "attribution": self.attribution.get((uid, device), "exclusive")}
+        if device in self.models:
+            dimensions["gpu_model"] = self.models[device]
+        return dimensions
 
     def _holds(self, uid: str, device: str, moment_ms: int) -> bool:
         return any(
@@ -336,47 +319,35 @@ class NvmlSource:
         )
 
     def committed(self, window: Window) -> None:
-        self.closed_through_ms = max(self.closed_through_ms, window.end_ms)
-        for key in list(self.usage):
-            usage = self.usage[key]
-            usage.by_window = {k: v for k, v in usage.by_window.items() if k >= window.end_ms}
-            usage.gaps = {k: v for k, v in usage.gaps.items() if k >= window.end_ms}
-            if not usage.by_window and not usage.gaps:
-                del self.usage[key]
+        self.usage.commit(window)
+        held = {(i.holder.pod_uid, i.device) for i in self.ownership.intervals()}
+        self.attribution = {k: v for k, v in self.attribution.items() if k in self.usage.entries or k in held}
         # Keep ownership that may still overlap a step not yet read.
         self.ownership.forget_before(min(window.end_ms, self.observed_ms) - self.max_step_ms)
 
     def snapshot(self) -> dict[str, Any]:
         return {
-            "closed_through_ms": self.closed_through_ms,
             "observed_ms": self.observed_ms,
             "devices": {
                 uuid: [s.time_ms, s.gauge, s.energy_mj, s.process_memory_bytes]
                 for uuid, s in self.devices.items()
             },
-            "usage": [
-                [uid, device, u.attribution, {str(k): v for k, v in u.by_window.items()}, u.gaps]
-                for (uid, device), u in self.usage.items()
-            ],
+            "models": self.models,
+            "attribution": [[uid, device, kind] for (uid, device), kind in self.attribution.items()],
+            "usage": self.usage.to_json(list),
         }
 
     def restore(self, state: Mapping[str, Any]) -> None:
         if not state:
             return
-        self.closed_through_ms = max(self.closed_through_ms, int(state["closed_through_ms"]))
         self.observed_ms = int(state["observed_ms"])
         self.devices = {
             uuid: DeviceState(time_ms, gauge, energy, dict(memory))
             for uuid, (time_ms, gauge, energy, memory) in state["devices"].items()
         }
-        self.usage = {
-            (uid, device): Usage(
-                attribution,
-                {int(k): v for k, v in by_window.items()},
-                {int(k): v for k, v in gaps.items()},
-            )
-            for uid, device, attribution, by_window, gaps in state["usage"]
-        }
+        self.models = dict(state["models"])
+        self.attribution = {(uid, device): kind for uid, device, kind in state["attribution"]}
+        self.usage.restore(state["usage"], lambda key: (str(key[0]), str(key[1])))
 
 
 def build(
@@ -385,16 +356,18 @@ def build(
     interval_ms: int,
     not_before_ms: int,
     socket_path: str,
+    proc_root: Path,
     pods: Callable[[], Mapping[str, PodRecord]],
     on_error: Callable[[str, BaseException], None] = lambda source, error: None,
 ) -> NvmlSource:
-    """What the agent's ``build_source`` calls for ``spec.source.nvml`` (host ``/proc`` at /proc)."""
+    """What the agent's ``build_source`` calls for ``spec.source.nvml``; ``proc_root`` is the host's
+    ``/proc`` (host PIDs, which NVML reports, are mapped to pods through it)."""
     return NvmlSource(
         metric,
         window_ms,
         interval_ms,
         not_before_ms,
-        NvmlEdge(),
+        NvmlEdge(proc_root=proc_root),
         PodResourcesClient(socket_path),
         resolver_from_pods(pods),
         on_error=on_error,

@@ -12,14 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Literal
 
 from kubemeter.metering.counters import CounterSample, counter_delta, spread
 from kubemeter.metering.gauges import GaugeSample, integrate_gauge
 from kubemeter.metering.windows import Window
-from kubemeter.sources.base import PodRecord, Reading
+from kubemeter.sources.base import PodRecord, Progress, Reading, WindowLedger, poll_with_backoff
 from kubemeter.sources.informer import Backoff, now_ms
 from kubemeter.sources.prometheus.client import PrometheusClient, PrometheusError, Series
 from kubemeter.sources.prometheus.query import QueryError, node_scoped_selector, range_query
@@ -34,21 +34,17 @@ MAX_QUERY_RANGE_MS = 3_600_000
 UID_LABELS = ("pod_uid", "uid")
 
 
+PodKey = tuple[str, str, str]  # namespace, pod, uid label ("" when the series has none)
+
+
 @dataclass
 class SeriesState:
-    pod_key: tuple[str, str, str]  # namespace, pod, uid label ("" when the series has none)
+    pod_key: PodKey
     last_time_ms: int
     last_value: int
 
 
-@dataclass
-class PodUsage:
-    by_window: dict[int, int] = field(default_factory=dict)
-    gaps: dict[int, str] = field(default_factory=dict)
-    last_time_ms: int = 0
-
-
-class PrometheusSource:
+class PrometheusSource(Progress):
     def __init__(
         self,
         kind: Kind,
@@ -78,11 +74,9 @@ class PrometheusSource:
         self.clock_ms = clock_ms
         self.on_error = on_error
         self.series: dict[tuple[tuple[str, str], ...], SeriesState] = {}
-        self.pods: dict[tuple[str, str, str], PodUsage] = {}
-        self.closed_through_ms = not_before_ms
+        self.usage: WindowLedger[PodKey] = WindowLedger(not_before_ms)
+        self.last_sample_ms: dict[PodKey, int] = {}  # the newest sample of any of the pod's series
         self.read_through_ms = not_before_ms  # samples up to here are ingested
-        self.observed_ms = 0
-        self.last_error: str | None = None
         self.selector: str | None = None
         try:
             self.selector = node_scoped_selector(query, node_label, node)
@@ -91,21 +85,25 @@ class PrometheusSource:
 
     # ---- observing ------------------------------------------------------------------------------
     async def run(self) -> None:
-        if self.selector is None:
-            log.error("%s", self.last_error)
-            await asyncio.Event().wait()  # a query that cannot work is reported, not retried
-        backoff = Backoff(
-            initial_s=self.poll_interval_ms / 2000, max_s=max(60.0, self.poll_interval_ms / 1000)
-        )
-        while True:
-            try:
-                await self.poll()
-                backoff.reset()
-                await asyncio.sleep(self.poll_interval_ms / 1000)
-            except asyncio.CancelledError:
-                raise
-            except PrometheusError:
-                await asyncio.sleep(backoff.next_delay_s())
+        try:
+            if self.selector is None:
+                log.error("%s", self.last_error)
+                await asyncio.Event().wait()  # a query that cannot work is reported, not retried
+            await poll_with_backoff(
+                self.poll,
+                self.poll_interval_ms / 1000,
+                Backoff(
+                    initial_s=self.poll_interval_ms / 2000, max_s=max(60.0, self.poll_interval_ms / 1000)
+                ),
+                (PrometheusError,),
+                self._unexpected,
+            )
+        finally:
+            await self.client.close()
+
+    def _unexpected(self, error: Exception) -> None:
+        self.last_error = f"prometheus: {type(error).__name__}: {error}"
+        self.on_error("prometheus", error)
 
     async def poll(self) -> None:
         """Read every sample since the last poll (in chunks after an outage). Raises
@@ -136,7 +134,6 @@ class PrometheusSource:
                 continue  # e.g. dcgm-exporter's series for an unallocated GPU: nobody's usage
             uid = next((one.labels[label] for label in UID_LABELS if one.labels.get(label)), "")
             pod_key = (namespace, pod, uid)
-            usage = self.pods.setdefault(pod_key, PodUsage())
             state = self.series.get(one.key)
             for sample in one.samples:
                 value = int(sample.value.scaleb(_NANO).to_integral_value())
@@ -146,9 +143,9 @@ class PrometheusSource:
                     continue
                 if sample.time_ms <= state.last_time_ms:
                     continue
-                self._step(usage, state, sample.time_ms, value)
+                self._step(pod_key, state, sample.time_ms, value)
                 state.last_time_ms, state.last_value = sample.time_ms, value
-                usage.last_time_ms = max(usage.last_time_ms, sample.time_ms)
+                self.last_sample_ms[pod_key] = max(self.last_sample_ms.get(pod_key, 0), sample.time_ms)
         self.read_through_ms = max(self.read_through_ms, queried_at_ms)
         # A scrape that began before the query can still land with an earlier timestamp, and a
         # series still being scraped is known only up to its last sample: its next step is open.
@@ -157,25 +154,25 @@ class PrometheusSource:
         ]
         self.observed_ms = max(self.observed_ms, min([queried_at_ms - self.scrape_interval_ms, *active_ms]))
 
-    def _step(self, usage: PodUsage, state: SeriesState, time_ms: int, value: int) -> None:
+    def _step(self, pod_key: PodKey, state: SeriesState, time_ms: int, value: int) -> None:
         gap = time_ms - state.last_time_ms > self.max_step_ms
         if self.kind == "counter":
             delta = counter_delta(
                 CounterSample(state.last_time_ms, state.last_value), CounterSample(time_ms, value)
             )
             shares = spread(delta.amount, delta.from_ms, delta.to_ms, self.window_ms)
-            self._add(usage, shares)
+            self.usage.add(pod_key, shares)
             if delta.reset:
-                self._flag(
-                    usage,
+                self.usage.flag(
+                    pod_key,
                     list(shares) or [time_ms - time_ms % self.window_ms],
                     f"counter reset between {state.last_time_ms} and {time_ms} ms (exporter or driver "
                     "restart); the increase before the reset was not observed",
                 )
             if gap:
-                self._flag(
-                    usage,
-                    list(shares),
+                self.usage.flag(
+                    pod_key,
+                    shares,
                     f"scrape gap from {state.last_time_ms} to {time_ms} ms; the increase over it is "
                     "spread evenly",
                 )
@@ -183,42 +180,26 @@ class PrometheusSource:
         step = integrate_gauge(
             GaugeSample(state.last_time_ms, state.last_value), time_ms, self.max_step_ms, self.window_ms
         )
-        self._add(usage, step.value_ms_by_window)
-        self._flag(
-            usage,
-            list(step.gap_ms_by_window),
+        self.usage.add(pod_key, step.value_ms_by_window)
+        self.usage.flag(
+            pod_key,
+            step.gap_ms_by_window,
             f"scrape gap from {state.last_time_ms} to {time_ms} ms; not filled",
         )
 
-    def _add(self, usage: PodUsage, shares: Mapping[int, int]) -> None:
-        for window_start_ms, amount in shares.items():
-            if window_start_ms >= self.closed_through_ms:
-                usage.by_window[window_start_ms] = usage.by_window.get(window_start_ms, 0) + amount
-
-    def _flag(self, usage: PodUsage, window_starts: list[int], reason: str) -> None:
-        for window_start_ms in window_starts:
-            if window_start_ms >= self.closed_through_ms:
-                usage.gaps.setdefault(window_start_ms, reason)
-
-    # ---- the Source interface ---------------------------------------------------------------------
-    def observed_through_ms(self) -> int:
-        return self.observed_ms
-
-    def fault(self) -> str | None:
-        return self.last_error
-
+    # ---- the Source interface (observed_through_ms and fault from Progress) -----------------------
     def readings(self, window: Window, pods: Mapping[str, PodRecord]) -> list[Reading]:
         uids = _uids_by_name(pods)
         late = window.end_ms > self.observed_ms
         values: dict[str, tuple[int, str | None]] = {}
-        for (namespace, pod, uid_label), usage in sorted(self.pods.items()):
+        for pod_key, last_sample_ms in sorted(self.last_sample_ms.items()):
+            namespace, pod, uid_label = pod_key
             uid = uid_label or uids.get((namespace, pod))
             if uid is None:
                 log.info("no pod %s/%s known on this node; its Prometheus series is skipped", namespace, pod)
                 continue
-            amount = usage.by_window.get(window.start_ms)
-            reason = usage.gaps.get(window.start_ms)
-            if late and reason is None and usage.last_time_ms + self.max_step_ms >= self.observed_ms:
+            amount, reason = self.usage.get(pod_key, window.start_ms)
+            if late and reason is None and last_sample_ms + self.max_step_ms >= self.observed_ms:
                 reason = f"Prometheus not read since {self.observed_ms} ms ({self.last_error})"
             if amount is None and reason is None:
                 continue
@@ -236,51 +217,43 @@ class PrometheusSource:
         ]
 
     def committed(self, window: Window) -> None:
-        self.closed_through_ms = max(self.closed_through_ms, window.end_ms)
-        for key in list(self.pods):
-            usage = self.pods[key]
-            usage.by_window = {k: v for k, v in usage.by_window.items() if k >= window.end_ms}
-            usage.gaps = {k: v for k, v in usage.gaps.items() if k >= window.end_ms}
-            if not usage.by_window and usage.last_time_ms + self.window_ms < window.start_ms:
-                del self.pods[key]
+        self.usage.commit(window)
+        for key, last_sample_ms in list(self.last_sample_ms.items()):
+            amounts = self.usage.entries.get(key)
+            if (
+                amounts is None or not amounts.by_window
+            ) and last_sample_ms + self.window_ms < window.start_ms:
+                del self.last_sample_ms[key]
+                self.usage.entries.pop(key, None)
                 self.series = {k: s for k, s in self.series.items() if s.pod_key != key}
 
     def snapshot(self) -> dict[str, Any]:
         return {
-            "closed_through_ms": self.closed_through_ms,
             "read_through_ms": self.read_through_ms,
             "observed_ms": self.observed_ms,
             "series": [
                 [list(map(list, k)), list(s.pod_key), s.last_time_ms, s.last_value]
                 for k, s in self.series.items()
             ],
-            "pods": [
-                [
-                    list(k),
-                    {str(w): a for w, a in u.by_window.items()},
-                    {str(w): r for w, r in u.gaps.items()},
-                    u.last_time_ms,
-                ]
-                for k, u in self.pods.items()
-            ],
+            "last_sample_ms": [[list(key), at_ms] for key, at_ms in self.last_sample_ms.items()],
+            "usage": self.usage.to_json(list),
         }
 
     def restore(self, state: Mapping[str, Any]) -> None:
         if not state:
             return
-        self.closed_through_ms = max(self.closed_through_ms, int(state["closed_through_ms"]))
         self.read_through_ms = max(self.read_through_ms, int(state["read_through_ms"]))
         self.observed_ms = int(state["observed_ms"])
         self.series = {
-            tuple((str(a), str(b)) for a, b in key): SeriesState((pk[0], pk[1], pk[2]), t, v)
+            tuple((str(a), str(b)) for a, b in key): SeriesState(_pod_key(pk), t, v)
             for key, pk, t, v in state["series"]
         }
-        self.pods = {
-            (k[0], k[1], k[2]): PodUsage(
-                {int(w): a for w, a in bw.items()}, {int(w): r for w, r in gaps.items()}, last
-            )
-            for k, bw, gaps, last in state["pods"]
-        }
+        self.last_sample_ms = {_pod_key(key): int(at_ms) for key, at_ms in state["last_sample_ms"]}
+        self.usage.restore(state["usage"], _pod_key)
+
+
+def _pod_key(data: Any) -> PodKey:
+    return (str(data[0]), str(data[1]), str(data[2]))
 
 
 def _uids_by_name(pods: Mapping[str, PodRecord]) -> dict[tuple[str, str], str]:

@@ -7,14 +7,13 @@ from kubemeter.sources.runai.client import (
     RunaiError,
     RunaiUnavailableError,
 )
-from kubemeter.sources.runai.source import RunaiReading, RunaiSource, integrate
+from kubemeter.sources.runai.source import RunaiSource, integrate
 
 __all__ = [
     "RunaiAuthError",
     "RunaiClient",
     "RunaiCredentials",
     "RunaiError",
-    "RunaiReading",
     "RunaiSource",
     "RunaiUnavailableError",
     "integrate",

@@ -11,17 +11,15 @@ flagged, not filled.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from kubemeter.metering.windows import Window, window_containing
-from kubemeter.sources.base import PodRecord, Reading
+from kubemeter.sources.base import PodRecord, Progress, Reading, poll_with_backoff
 from kubemeter.sources.informer import Backoff, now_ms
 from kubemeter.sources.runai.client import (
     RunaiAuthError,
@@ -33,13 +31,6 @@ from kubemeter.sources.runai.client import (
 )
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RunaiReading(Reading):
-    """A reading with the Run:ai organisation it belongs to (project, department, workload)."""
-
-    dimensions: dict[str, str] = field(default_factory=dict)
 
 
 def _held(record: Mapping[str, Any], start_ms: int, end_ms: int) -> bool:
@@ -64,7 +55,10 @@ def integrate(
     return total / 1000, gap_ms
 
 
-class RunaiSource:
+class RunaiSource(Progress):
+    """Readings carry the Run:ai organisation they belong to as dimensions: ``project``,
+    ``department`` and ``workload``."""
+
     def __init__(
         self,
         metric: str,
@@ -90,22 +84,25 @@ class RunaiSource:
         self.cursor_ms = (
             window_containing(not_before_ms, window_ms).end_ms if not_before_ms % window_ms else not_before_ms
         )
-        self.fetched: dict[int, list[RunaiReading]] = {}  # window start → readings
+        self.fetched: dict[int, list[Reading]] = {}  # window start → readings
         self.holders: set[str] = set()  # pod uids seen on this node in the last listing
-        self.last_error: str | None = None
 
     # ---- observing ------------------------------------------------------------------------------
     async def run(self) -> None:
-        backoff = Backoff(initial_s=self.poll_interval_ms / 1000, max_s=300.0)
-        while True:
-            try:
-                await self.poll()
-                backoff.reset()
-                await asyncio.sleep(self.poll_interval_ms / 1000)
-            except asyncio.CancelledError:
-                raise
-            except RunaiError:
-                await asyncio.sleep(backoff.next_delay_s())
+        try:
+            await poll_with_backoff(
+                self.poll,
+                self.poll_interval_ms / 1000,
+                Backoff(initial_s=self.poll_interval_ms / 1000, max_s=300.0),
+                (RunaiError,),
+                self._unexpected,
+            )
+        finally:
+            await self.client.close()
+
+    def _unexpected(self, error: Exception) -> None:
+        self.last_error = f"Run:ai: {type(error).__name__}: {error}"
+        self.on_error("runai", error)
 
     async def poll(self) -> None:
         """Fetch every window that has ended, oldest first; stop at the first failure (it is retried,
@@ -125,12 +122,12 @@ class RunaiSource:
             raise
         self.last_error = None
 
-    async def fetch(self, window: Window) -> list[RunaiReading]:
+    async def fetch(self, window: Window) -> list[Reading]:
         workloads = {w["id"]: w for w in await self.client.workloads()}
         pods = [p for p in await self.client.pods() if p.get("nodeName") == self.node]
         self.holders = {str(p["id"]) for p in pods}
         samples = window.duration_ms // self.sample_step_ms + 1
-        readings: list[RunaiReading] = []
+        readings: list[Reading] = []
         for pod in sorted(pods, key=lambda p: str(p["id"])):
             if not _held(pod, window.start_ms, window.end_ms):
                 continue
@@ -153,7 +150,7 @@ class RunaiSource:
                 raise  # the API is down or refuses us: the whole window is retried later
             except RunaiError as error:
                 readings.append(
-                    RunaiReading(
+                    Reading(
                         str(pod["id"]),
                         Decimal(0),
                         complete=False,
@@ -167,7 +164,7 @@ class RunaiSource:
                 f"Run:ai returned no {self.metric} samples for {gap_ms} ms of the window" if gap_ms else None
             )
             readings.append(
-                RunaiReading(
+                Reading(
                     str(pod["id"]),
                     value.normalize() if value else Decimal(0),
                     complete=reason is None,
@@ -177,12 +174,9 @@ class RunaiSource:
             )
         return readings
 
-    # ---- the Source interface ---------------------------------------------------------------------
+    # ---- the Source interface (fault from Progress) -----------------------------------------------
     def observed_through_ms(self) -> int:
         return self.cursor_ms
-
-    def fault(self) -> str | None:
-        return self.last_error
 
     def readings(self, window: Window, pods: Mapping[str, PodRecord]) -> list[Reading]:
         if window.start_ms in self.fetched:
