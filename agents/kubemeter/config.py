@@ -227,16 +227,69 @@ class PrometheusKind(StrEnum):
     GAUGE = "gauge"
 
 
+class PrometheusTls(SpecModel):
+    """How the agent checks the Prometheus server's certificate."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            (
+                "!(has(self.caFile) && self.insecureSkipVerify)",
+                "spec.source.prometheus.tls: set caFile or insecureSkipVerify, not both",
+            )
+        )
+    )
+
+    ca_file: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=1024,
+        description=(
+            "Path, inside the agent container, of the CA bundle that signed the server's certificate, "
+            "e.g. /var/run/secrets/kubernetes.io/serviceaccount/service-ca.crt on OpenShift. Unset: "
+            "the system's trusted CAs."
+        ),
+    )
+    insecure_skip_verify: bool = Field(
+        default=False, description="Do not verify the server's certificate (for tests only)."
+    )
+
+    @model_validator(mode="after")
+    def _one_way(self) -> Self:
+        if self.ca_file is not None and self.insecure_skip_verify:
+            raise ValueError("spec.source.prometheus.tls: set caFile or insecureSkipVerify, not both")
+        return self
+
+
+_PROMETHEUS_CREDENTIAL_HEADERS = ("authorization", "proxy-authorization")
+
+
 class PrometheusSource(SpecModel):
-    """A PromQL query whose series carry pod and namespace labels; each agent asks only for its node."""
+    """A PromQL series selector whose series carry pod and namespace labels; each agent reads only its
+    node's series, as raw samples."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            (
+                "!(has(self.bearerTokenSecretRef) && has(self.basicAuthSecretRef))",
+                "spec.source.prometheus: set bearerTokenSecretRef or basicAuthSecretRef, not both",
+            ),
+            (
+                "!has(self.headers) || self.headers.all(h, !(h.lowerAscii() in "
+                "['authorization', 'proxy-authorization']))",
+                "spec.source.prometheus.headers must not carry credentials (Authorization); name a Secret "
+                "in bearerTokenSecretRef or basicAuthSecretRef instead",
+            ),
+        )
+    )
 
     url: HttpUrl = Field(description="Base URL of the Prometheus HTTP API, e.g. http://prometheus:9090.")
     query: str = Field(
         min_length=1,
         max_length=4096,
         description=(
-            "PromQL instant-vector selector or expression, e.g. DCGM_FI_PROF_GR_ENGINE_ACTIVE. The agent "
-            "adds a matcher on nodeLabel for its own node."
+            'A PromQL series selector, e.g. DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION{pod!=""}; no rate(), '
+            "increase() or aggregation (record those with a recording rule and select the result). The "
+            "agent adds a matcher nodeLabel=<its node>, or replaces $node where the query names it."
         ),
     )
     kind: PrometheusKind = Field(
@@ -252,31 +305,95 @@ class PrometheusSource(SpecModel):
         max_length=63,
         description="Series label holding the node name, used to scope queries.",
     )
+    scrape_interval_seconds: int = Field(
+        default=60,
+        ge=1,
+        le=3600,
+        description=(
+            "How often Prometheus scrapes these series. A step longer than 2.5 scrape intervals is a "
+            "scrape gap: flagged, never filled."
+        ),
+    )
+    value_scale: float = Field(
+        default=1.0,
+        gt=0,
+        description=(
+            "Factor applied to each window's value, read as the decimal it is written as (exact), e.g. "
+            "0.001 turns DCGM's millijoules into joules."
+        ),
+    )
     timeout_seconds: int = Field(
         default=10, ge=1, le=300, description="How long one query may take before it is retried."
     )
+    headers: dict[str, Annotated[str, Field(max_length=1024)]] = Field(
+        default_factory=dict,
+        json_schema_extra={"maxProperties": 32},
+        description="Extra HTTP headers on each query, e.g. X-Scope-OrgID for Mimir; no credentials here.",
+    )
+    bearer_token_secret_ref: SecretKeyRef | None = Field(
+        default=None, description="Secret key holding a bearer token sent as Authorization: Bearer."
+    )
+    basic_auth_secret_ref: SecretRef | None = Field(
+        default=None, description="Secret with keys username and password for HTTP basic auth."
+    )
+    tls: PrometheusTls = Field(
+        default_factory=PrometheusTls, description="Certificate checks for an https url."
+    )
 
+    @model_validator(mode="after")
+    def _credentials_by_reference(self) -> Self:
+        if self.bearer_token_secret_ref is not None and self.basic_auth_secret_ref is not None:
+            raise ValueError(
+                "spec.source.prometheus: set bearerTokenSecretRef or basicAuthSecretRef, not both"
+            )
+        if any(name.lower() in _PROMETHEUS_CREDENTIAL_HEADERS for name in self.headers):
+            raise ValueError(
+                "spec.source.prometheus.headers must not carry credentials (Authorization); name a Secret "
+                "in bearerTokenSecretRef or basicAuthSecretRef instead"
+            )
+        return self
 
-class RunaiResourceType(StrEnum):
-    POD = "pod"
-    WORKLOAD = "workload"
+    def credentials_secret_name(self) -> str | None:
+        """The Secret the agent needs mounted, if any."""
+        reference = self.bearer_token_secret_ref or self.basic_auth_secret_ref
+        return None if reference is None else reference.name
 
 
 class RunaiSource(SpecModel):
-    """A Run:ai metric read from the Run:ai REST API for the workloads on the agent's node."""
+    """A Run:ai metric per pod on the agent's node, read from the Run:ai REST API for each closed
+    window; the events carry the pod's Run:ai project, department and workload."""
 
     url: HttpUrl = Field(description="Base URL of the Run:ai control plane, e.g. https://org.run.ai.")
     metric: str = Field(
         min_length=1,
         max_length=128,
         pattern=r"^[A-Z][A-Z0-9_]*$",
-        description="Run:ai metricType, e.g. GPU_ALLOCATION or GPU_UTILIZATION.",
-    )
-    resource_type: RunaiResourceType = Field(
-        default=RunaiResourceType.POD, description="Ask for metrics per pod or per workload."
+        description=(
+            "Run:ai pod metricType, e.g. GPU_ALLOCATION or GPU_UTILIZATION; the billed value is its "
+            "time integral (GPU_ALLOCATION 0.5 for 60 s is 30 GPU-seconds)."
+        ),
     )
     credentials_secret_ref: SecretRef = Field(
-        description="Secret with keys appId and appSecret of a Run:ai application."
+        description=(
+            "Secret with keys clientId and clientSecret of a Run:ai application or service account "
+            "(appId and appSecret are accepted too)."
+        )
+    )
+    sample_step_seconds: int = Field(
+        default=15,
+        ge=1,
+        le=3600,
+        description=(
+            "Spacing of the samples asked for; a spacing wider than 2.5 steps inside a window is a gap, "
+            "flagged. Run:ai returns at most 1000 samples per request, so windowSeconds / this must "
+            "stay below 1000."
+        ),
+    )
+    lag_seconds: int = Field(
+        default=30,
+        ge=0,
+        le=3600,
+        description="How long after a window ends its metrics are asked for (Run:ai's pipeline delay).",
     )
 
 
@@ -373,7 +490,12 @@ class MeterSpec(SpecModel):
                 "86400 % self.windowSeconds == 0",
                 "spec.windowSeconds must divide a day (86400) evenly so windows align to the clock; "
                 "use for example 60, 300, 900 or 3600",
-            )
+            ),
+            (
+                "!has(self.source.runai) || self.windowSeconds / self.source.runai.sampleStepSeconds < 1000",
+                "spec.source.runai.sampleStepSeconds: Run:ai returns at most 1000 samples per request; "
+                "raise sampleStepSeconds to at least windowSeconds / 999",
+            ),
         )
     )
 
@@ -411,6 +533,12 @@ class MeterSpec(SpecModel):
             raise ValueError(
                 f"spec.windowSeconds={self.window_seconds} must divide a day (86400) evenly so windows "
                 "align to the clock; use for example 60, 300, 900 or 3600"
+            )
+        runai = self.source.runai
+        if runai is not None and self.window_seconds // runai.sample_step_seconds >= 1000:
+            raise ValueError(
+                "spec.source.runai.sampleStepSeconds: Run:ai returns at most 1000 samples per request; "
+                "raise sampleStepSeconds to at least windowSeconds / 999"
             )
         return self
 

@@ -109,25 +109,42 @@ def parse_meter(meter: ObjectView) -> tuple[MeterSpec | None, list[Problem]]:
     return spec, problems
 
 
+def source_secret(spec: MeterSpec) -> tuple[str, str, list[frozenset[str]]] | None:
+    """The Secret a Meter's source reads: (field, Secret name, acceptable key sets), or None."""
+    runai, prometheus = spec.source.runai, spec.source.prometheus
+    if runai is not None:
+        credentials = frozenset({"clientId", "clientSecret"}), frozenset({"appId", "appSecret"})
+        return "spec.source.runai.credentialsSecretRef", runai.credentials_secret_ref.name, list(credentials)
+    if prometheus is not None and prometheus.bearer_token_secret_ref is not None:
+        reference = prometheus.bearer_token_secret_ref
+        return "spec.source.prometheus.bearerTokenSecretRef", reference.name, [frozenset({reference.key})]
+    if prometheus is not None and prometheus.basic_auth_secret_ref is not None:
+        name = prometheus.basic_auth_secret_ref.name
+        return "spec.source.prometheus.basicAuthSecretRef", name, [frozenset({"username", "password"})]
+    return None
+
+
 def meter_secret_problems(meter: ObjectView, spec: MeterSpec, secrets: SecretKeys) -> list[Problem]:
-    if spec.source.runai is None:
+    needed = source_secret(spec)
+    if needed is None:
         return []
-    name = spec.source.runai.credentials_secret_ref.name
+    where, name, key_sets = needed
+    wanted = " or ".join(" and ".join(sorted(keys)) for keys in key_sets)
     keys = secrets.get(name)
     if keys is None:
         return [
             Problem(
                 "SecretNotFound",
-                f'Meter "{meter.name}": spec.source.runai.credentialsSecretRef names Secret "{name}", which '
-                f'does not exist in namespace "{meter.namespace}"; create it with keys appId and appSecret',
+                f'Meter "{meter.name}": {where} names Secret "{name}", which does not exist in namespace '
+                f'"{meter.namespace}"; create it with key(s) {wanted}',
             )
         ]
-    missing = sorted({"appId", "appSecret"} - keys)
-    if missing:
+    if not any(key_set <= keys for key_set in key_sets):
         return [
             Problem(
                 "SecretKeyNotFound",
-                f'Meter "{meter.name}": Secret "{name}" lacks key(s) {", ".join(missing)}; add them',
+                f'Meter "{meter.name}": Secret "{name}" needs key(s) {wanted} '
+                f"(it has: {', '.join(sorted(keys)) or 'none'}); add them",
             )
         ]
     return []
@@ -185,9 +202,13 @@ def referenced_secrets(collectors: Sequence[ObjectView], meters: Sequence[Object
         if reference.get("name"):
             names.add(reference["name"])
     for meter in meters:
-        reference = ((meter.spec.get("source") or {}).get("runai") or {}).get("credentialsSecretRef") or {}
-        if reference.get("name"):
-            names.add(reference["name"])
+        source = meter.spec.get("source") or {}
+        references = [
+            (source.get("runai") or {}).get("credentialsSecretRef"),
+            (source.get("prometheus") or {}).get("bearerTokenSecretRef"),
+            (source.get("prometheus") or {}).get("basicAuthSecretRef"),
+        ]
+        names.update(r["name"] for r in references if isinstance(r, Mapping) and r.get("name"))
     return names
 
 
@@ -306,8 +327,9 @@ def resolve_namespace(
             if pipeline_broken or meter_spec is None or result.meter_problems[name]:
                 continue
             credentials_dir = None
-            if meter_spec.source.runai is not None:
-                secret_name = meter_spec.source.runai.credentials_secret_ref.name
+            needed = source_secret(meter_spec)
+            if needed is not None:
+                secret_name = needed[1]
                 credentials_dir = secret_dir(secret_name)
                 result.collector_secret_names[collector_name].append(secret_name)
             result.collector_meters[collector_name].append(

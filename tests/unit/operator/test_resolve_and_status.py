@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from kubemeter_operator.resolve import ObjectView, resolve_namespace
+from kubemeter_operator.resolve import ObjectView, referenced_secrets, resolve_namespace
 from kubemeter_operator.status import collector_status, meter_status, status_changed, transition_events
 
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -71,6 +71,60 @@ def test_a_missing_secret_degrades_the_collector() -> None:
         [collector(credentialsSecretRef={"name": "tok", "key": "k"})], [], [], {"tok": frozenset({"other"})}
     )
     assert result.collector_problems["c"][0].reason == "SecretKeyNotFound"
+
+
+def test_source_secrets_are_checked_and_mounted_into_the_agents() -> None:
+    runai = meter(
+        "r",
+        source={
+            "runai": {
+                "url": "https://org.run.ai",
+                "metric": "GPU_ALLOCATION",
+                "credentialsSecretRef": {"name": "runai"},
+            }
+        },
+    )
+    prom = meter(
+        "p",
+        source={
+            "prometheus": {
+                "url": "https://prom",
+                "query": "up",
+                "bearerTokenSecretRef": {"name": "prom", "key": "token"},
+            }
+        },
+    )
+    basic = meter(
+        "b",
+        source={
+            "prometheus": {"url": "https://prom", "query": "up", "basicAuthSecretRef": {"name": "basic"}}
+        },
+    )
+    meters = [runai, prom, basic]
+    assert referenced_secrets([], meters) == {"runai", "prom", "basic"}
+    secrets = {
+        "runai": frozenset({"clientId", "clientSecret"}),
+        "prom": frozenset({"token"}),
+        "basic": frozenset({"username", "password"}),
+    }
+    result = resolve_namespace([collector()], [pipeline("p", meters=["r", "p", "b"])], meters, secrets)
+    assert result.meter_problems == {"r": [], "p": [], "b": []}
+    assert sorted(result.collector_secret_names["c"]) == ["basic", "prom", "runai"]
+    assert {m.name: m.credentials_dir for m in result.collector_meters["c"]} == {
+        "r": "/etc/kubemeter/secrets/runai",
+        "p": "/etc/kubemeter/secrets/prom",
+        "b": "/etc/kubemeter/secrets/basic",
+    }
+
+    secrets |= {"runai": frozenset({"appId", "appSecret"}), "basic": frozenset({"username"})}
+    result = resolve_namespace([collector()], [pipeline("p", meters=["r", "p", "b"])], meters, secrets)
+    assert result.meter_problems["r"] == []  # the older application key names still work
+    (problem,) = result.meter_problems["b"]
+    assert problem.reason == "SecretKeyNotFound"
+    assert problem.message == (
+        'Meter "b": Secret "basic" needs key(s) password and username (it has: username); add them'
+    )
+    assert [m.name for m in result.collector_meters["c"]] == ["r", "p"]
 
 
 def test_a_cel_expression_with_an_unknown_name_leaves_its_meter_out() -> None:
