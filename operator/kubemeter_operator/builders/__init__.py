@@ -17,8 +17,6 @@ from kubemeter_operator.builders.gateway import (
 )
 from kubemeter_operator.builders.rbac import (
     get_agent_cluster_role_binding,
-    get_agent_role,
-    get_agent_role_binding,
     get_agent_service_account,
     get_gateway_service_account,
 )
@@ -41,8 +39,6 @@ def build_children(
     return [
         get_agent_service_account(collector),
         get_gateway_service_account(collector),
-        get_agent_role(collector),
-        get_agent_role_binding(collector),
         get_agent_cluster_role_binding(collector),
         get_config_map(collector, agent_config, gateway_config),
         get_gateway_service(collector),

@@ -1,5 +1,16 @@
-"""ServiceAccounts and least-privilege RBAC. Agents read pods, namespaces and node stats cluster-wide
-(scoped to their node by field selectors, which RBAC cannot express); the gateway reads nothing."""
+"""ServiceAccounts and least-privilege RBAC for a Collector's agents and gateway.
+
+Each rule is a request the component makes; docs/install.md explains each, and
+tests/integration/agent/test_agent_rbac.py runs both components on tokens of exactly these.
+
+- The agent lists and watches pods (``fieldSelector=spec.nodeName=<its node>``) and namespaces,
+  gets its Node, and reads ``/stats/summary`` from its kubelet, which authorises that request with a
+  SubjectAccessReview for ``get nodes/stats`` (``nodes/proxy`` would also open exec, logs and every
+  other kubelet API, so it is not granted). RBAC cannot scope a list to a field selector or a Node to
+  "the agent's own", so these are cluster-wide; the agent holds no cluster-wide cache because it asks
+  for its node only. It writes nothing to the API.
+- The gateway talks to no Kubernetes API: its ServiceAccount has no binding and no token mounted.
+"""
 
 from __future__ import annotations
 
@@ -20,10 +31,12 @@ RBAC_API = "rbac.authorization.k8s.io/v1"
 
 def agent_cluster_role_rules() -> list[dict[str, Any]]:
     return [
-        {"apiGroups": [""], "resources": ["pods", "namespaces"], "verbs": ["get", "list", "watch"]},
+        # informers: one LIST, then WATCH from its resourceVersion; never a GET of one object
+        {"apiGroups": [""], "resources": ["pods", "namespaces"], "verbs": ["list", "watch"]},
+        # its own Node: labels for dimensions, the kubelet's address and port
         {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]},
-        # kubelet stats/summary through the API server's node proxy
-        {"apiGroups": [""], "resources": ["nodes/proxy", "nodes/stats"], "verbs": ["get"]},
+        # checked by the kubelet, not the API server: GET /stats/summary on the node's own port
+        {"apiGroups": [""], "resources": ["nodes/stats"], "verbs": ["get"]},
     ]
 
 
@@ -74,31 +87,6 @@ def get_agent_cluster_role_binding(collector: CollectorRef) -> Manifest:
     }
 
 
-def get_agent_role(collector: CollectorRef) -> Manifest:
-    """Agents report node-level problems (no NVML, kubelet unreachable) as Events in the Collector's
-    namespace; that is all they may write."""
-    return {
-        "apiVersion": RBAC_API,
-        "kind": "Role",
-        "metadata": metadata(collector, collector.agent_name, "agent"),
-        "rules": [
-            {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]}
-        ],
-    }
-
-
-def get_agent_role_binding(collector: CollectorRef) -> Manifest:
-    return {
-        "apiVersion": RBAC_API,
-        "kind": "RoleBinding",
-        "metadata": metadata(collector, collector.agent_name, "agent"),
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": collector.agent_name},
-        "subjects": [
-            {"kind": "ServiceAccount", "name": collector.agent_name, "namespace": collector.namespace}
-        ],
-    }
-
-
 def operator_cluster_role_rules() -> list[dict[str, Any]]:
     """What the operator itself needs (the chart's ClusterRole). It holds the agent's permissions too,
     because RBAC only lets a subject grant what it has (or what it may ``bind``)."""
@@ -131,10 +119,9 @@ def operator_cluster_role_rules() -> list[dict[str, Any]]:
             "verbs": ["get", "create", "patch", "delete"],
         },
         {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
-        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
-        {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": [""], "resources": ["pods", "namespaces"], "verbs": ["list", "watch"]},
         {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]},
-        {"apiGroups": [""], "resources": ["nodes/proxy", "nodes/stats"], "verbs": ["get"]},
+        {"apiGroups": [""], "resources": ["nodes/stats"], "verbs": ["get"]},
         {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["get", "list"]},
         {
             "apiGroups": ["apps"],
@@ -148,7 +135,7 @@ def operator_cluster_role_rules() -> list[dict[str, Any]]:
         },
         {
             "apiGroups": ["rbac.authorization.k8s.io"],
-            "resources": ["roles", "rolebindings", "clusterrolebindings"],
+            "resources": ["clusterrolebindings"],
             "verbs": ["get", "create", "patch", "delete"],
         },
         {

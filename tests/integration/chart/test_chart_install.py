@@ -43,9 +43,6 @@ def each(verbs: str, *resources: str, subresource: str = "") -> list[Access]:
 
 
 CRS = ("meters.kubemeter.io", "collectors.kubemeter.io", "pipelines.kubemeter.io")
-RBAC_KINDS = tuple(
-    f"{kind}.rbac.authorization.k8s.io" for kind in ("roles", "rolebindings", "clusterrolebindings")
-)
 
 # Every request the operator makes (kopf included), and what it must hold to grant agents theirs.
 OPERATOR_USES: list[Access] = [
@@ -57,14 +54,13 @@ OPERATOR_USES: list[Access] = [
     *each("create patch", "events", "events.events.k8s.io"),
     *each("get create patch delete", "serviceaccounts", "configmaps", "services"),
     Access("get", "secrets"),
-    *each("get list watch", "pods", "namespaces"),
+    *each("list watch", "pods", "namespaces"),
     Access("get", "nodes"),
-    Access("get", "nodes", "proxy"),
     Access("get", "nodes", "stats"),
     *each("get list", "persistentvolumeclaims"),
     *each("get list watch create patch delete", "daemonsets.apps", "statefulsets.apps"),
     *each("get create patch delete", "poddisruptionbudgets.policy"),
-    *each("get create patch delete", *RBAC_KINDS),
+    *each("get create patch delete", "clusterrolebindings.rbac.authorization.k8s.io"),
     *each("get create patch", "clusterroles.rbac.authorization.k8s.io"),
     Access("bind", "clusterroles.rbac.authorization.k8s.io", name="kubemeter-agent"),
 ]
@@ -73,8 +69,10 @@ OPERATOR_USES: list[Access] = [
 OPERATOR_MUST_NOT: list[Access] = [
     *each("list watch create delete", "secrets"),
     *each("delete patch", "nodes"),
-    *each("create delete", "pods"),
+    *each("get create delete", "pods"),
     Access("create", "pods", "exec"),
+    Access("get", "nodes", "proxy"),
+    *each("create", "roles.rbac.authorization.k8s.io", "rolebindings.rbac.authorization.k8s.io"),
     Access("delete", "namespaces"),
     Access("delete", "persistentvolumeclaims"),
     *each("create delete", "customresourcedefinitions.apiextensions.k8s.io"),
@@ -234,7 +232,7 @@ def test_install_run_the_operator_on_its_own_token_and_uninstall(
                         ("statefulset", f"{COLLECTOR}-gateway"),
                         ("configmap", f"{COLLECTOR}-config"),
                         ("poddisruptionbudget", f"{COLLECTOR}-gateway"),
-                        ("rolebinding", f"{COLLECTOR}-agent"),
+                        ("serviceaccount", f"{COLLECTOR}-agent"),
                     )
                 )
                 and get(cluster, "clusterrolebinding", f"kubemeter-agent-{namespace}-{COLLECTOR}") is not None

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import yaml
-from kubemeter_operator.builders.rbac import operator_cluster_role_rules
+from kubemeter_operator.builders.rbac import agent_cluster_role_rules, operator_cluster_role_rules
 from kubemeter_operator.main import PEERING_NAME
 
 from tests.unit.chart.chart_tools import (
@@ -135,6 +135,23 @@ def test_operator_cluster_role_is_exactly_what_the_operator_uses(helm_home: Path
         "the chart's ClusterRole differs from operator_cluster_role_rules(); update "
         "charts/kubemeter/templates/clusterrole.yaml"
     )
+
+
+def _atoms(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+    return {
+        (group, resource, verb)
+        for rule in rules
+        if not rule.get("resourceNames")
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+
+
+def test_the_operator_holds_every_permission_of_the_agent_cluster_role_it_writes() -> None:
+    # RBAC refuses to create or patch a ClusterRole granting more than its writer holds.
+    missing = _atoms(agent_cluster_role_rules()) - _atoms(operator_cluster_role_rules())
+    assert not missing, f"the operator could not write kubemeter-agent: it lacks {sorted(missing)}"
 
 
 def test_operator_role_has_no_wildcards_and_no_secret_listing(helm_home: Path) -> None:
