@@ -29,6 +29,8 @@ AGENT_CONFIG_FILENAME = "agent.yaml"
 GATEWAY_CONFIG_FILENAME = "gateway.yaml"
 # Secrets named by a spec are mounted as directories here, one file per key.
 SECRETS_DIR = "/etc/kubemeter/secrets"
+# The host's /proc, mounted read-only into agents: NVML reports host PIDs, mapped to pods through it.
+HOST_PROC_DIR = "/host/proc"
 
 # Environment the operator sets on agent pods (the config file is shared by every node).
 NODE_NAME_ENV = "KUBEMETER_NODE_NAME"
@@ -939,6 +941,9 @@ class AgentConfig(SpecModel):
     pod_resources_socket: str = Field(
         default="/var/lib/kubelet/pod-resources/kubelet.sock", description="Kubelet PodResources socket."
     )
+    host_proc_dir: str = Field(
+        default=HOST_PROC_DIR, description="The host's /proc, to map the host PIDs NVML reports to pods."
+    )
     kubelet_url: str | None = Field(
         default=None, description="Kubelet base URL; unset means through the API server's node proxy."
     )
@@ -988,4 +993,18 @@ class GatewayStatusReport(SpecModel):
     last_delivery_error: str | None = Field(default=None, description="The latest delivery failure, if any.")
     paused_reason: str | None = Field(
         default=None, description="Set while delivery is paused, e.g. credentials refused (401/403)."
+    )
+
+
+class AgentStatusReport(SpecModel):
+    """The JSON body of ``GET /healthz`` on an agent; the operator gathers ``sourceFaults`` from every
+    agent into the Collector's status."""
+
+    node: str = Field(description="The node the agent runs on.")
+    problems: list[str] = Field(
+        default_factory=list, description="Why the agent is unhealthy (its pod watch is down, ...)."
+    )
+    source_faults: dict[str, str] = Field(
+        default_factory=dict,
+        description="Meter (namespace/name) -> why its source is behind; its windows are flagged meanwhile.",
     )

@@ -10,19 +10,17 @@ from decimal import Decimal
 from typing import Any
 
 from kubemeter.agent.checkpoint import CheckpointStore
+from kubemeter.agent.sources import build_source as build_source  # the map of spec.source to modules
 from kubemeter.agent.telemetry import Telemetry
 from kubemeter.config import LabelSelector, ResolvedMeter
 from kubemeter.events import UsageEvent, format_rfc3339
 from kubemeter.metering.ids import event_id
-from kubemeter.metering.pods import Basis
 from kubemeter.metering.windows import Window, window_containing, windows_between
 from kubemeter.output import EventOutput, OutputFullError
 from kubemeter.pipeline import EventShaper, compile_processors, run_processors
 from kubemeter.pipeline.processors import Processor
-from kubemeter.sources.allocation import AllocationSource
 from kubemeter.sources.base import PodRecord, Reading, Source
 from kubemeter.sources.informer import Backoff, Informer, now_ms
-from kubemeter.sources.kubelet import KubeletPoller, KubeletUsageSource
 
 log = logging.getLogger(__name__)
 
@@ -73,28 +71,6 @@ class World:
         return cached.object if cached else {"metadata": {"name": name, "labels": {}, "annotations": {}}}
 
 
-def build_source(
-    meter: ResolvedMeter,
-    world: World,
-    interval_ms: int,
-    not_before_ms: int,
-    kubelet: KubeletPoller,
-) -> Source:
-    """The one place that maps a meter's ``spec.source`` to a source module."""
-    source = meter.spec.source
-    if source.allocation is not None:
-        basis: Basis = "limits" if source.allocation.basis.value == "limits" else "requests"
-        return AllocationSource(world.pods, source.allocation.resource, basis)
-    if source.kubelet_usage is not None:
-        return KubeletUsageSource(
-            source.kubelet_usage.metric, meter.spec.window_seconds * 1000, interval_ms, not_before_ms, kubelet
-        )
-    raise ValueError(
-        f"meter {meter.namespace}/{meter.name}: source {source.summary()} has no agent module yet; "
-        "use allocation or kubeletUsage"
-    )
-
-
 class MeterRunner:
     def __init__(
         self,
@@ -141,7 +117,8 @@ class MeterRunner:
     def horizon_ms(self, moment_ms: int) -> int:
         """Windows ending at or before this may close now."""
         settled_ms = moment_ms - SETTLE_MS
-        observed_ms = self.source.observed_through_ms()
+        # Every meter reads the pod cache (which pods, their labels), so none closes past its barrier.
+        observed_ms = min(self.source.observed_through_ms(), self.world.pods.consistent_through_ms)
         if observed_ms >= settled_ms:
             return settled_ms
         # The source is behind: hold windows until it catches up, but not forever.
@@ -172,6 +149,11 @@ class MeterRunner:
 
     async def close_due_windows(self) -> None:
         moment_ms = now_ms()
+        settled_ms = moment_ms - SETTLE_MS
+        if self.cursor_ms + self.window_ms <= settled_ms:
+            # A window is due: first make the pod cache provably current through it (one shared LIST).
+            await self.world.pods.catch_up(settled_ms)
+            self.telemetry.pod_barrier(self.world.pods.barriers, self.world.pods.missed_by_barrier)
         horizon_ms = self.horizon_ms(moment_ms)
         for window in windows_between(self.cursor_ms, horizon_ms, self.window_ms):
             await self.close_window(window)
@@ -223,6 +205,7 @@ class MeterRunner:
         dimensions, _problems = self.shaper.dimensions_for(variables)
         reasons = [r for r in (reading.incomplete_reason, subject_problem) if r]
         data: dict[str, Any] = {
+            **reading.dimensions,  # what the source knows (GPU model, Run:ai project); the Meter's win
             **dimensions,
             "value": json_number(reading.value),
             "unit": self.meter.spec.unit,

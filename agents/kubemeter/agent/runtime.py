@@ -18,9 +18,10 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kubemeter.agent.checkpoint import CheckpointStore
-from kubemeter.agent.meters import MeterRunner, World, build_source
+from kubemeter.agent.meters import MeterRunner, World
+from kubemeter.agent.sources import build_source
 from kubemeter.agent.telemetry import Telemetry
-from kubemeter.config import HEALTH_PATH, METRICS_PATH, AgentConfig, ResolvedMeter
+from kubemeter.config import HEALTH_PATH, METRICS_PATH, AgentConfig, AgentStatusReport, ResolvedMeter
 from kubemeter.metering.windows import window_containing
 from kubemeter.output import EventOutput
 from kubemeter.sources.allocation import held_interval
@@ -140,11 +141,7 @@ class Agent:
             saved[0] if saved else window_containing(now_ms(), meter.spec.window_seconds * 1000).start_ms
         )
         source = build_source(
-            meter,
-            self.world,
-            config.interval_seconds * 1000,
-            not_before_ms,
-            self.kubelet,
+            meter, self.world, config, not_before_ms, self.kubelet, on_error=self.telemetry.source_error
         )
         runner = MeterRunner(
             meter,
@@ -199,6 +196,7 @@ class Agent:
             if pods.healthy:
                 self.store.heartbeat(pods.healthy_through_ms)
             self._forget_finished_pods()
+            self.telemetry.source_faults(self.source_faults(), [r.name for r, _ in self.runners.values()])
             await asyncio.sleep(1.0)
 
     def _forget_finished_pods(self) -> None:
@@ -219,8 +217,15 @@ class Agent:
         if done:
             self.store.forget_pods(done)
 
+    def source_faults(self) -> dict[str, str]:
+        """Meter name -> why its source is behind right now, for the meters whose source is."""
+        faults = {runner.name: runner.source.fault() for runner, _ in self.runners.values()}
+        return {name: fault for name, fault in sorted(faults.items()) if fault}
+
     # ---- HTTP -------------------------------------------------------------------------------------
     def health(self) -> tuple[bool, dict[str, Any]]:
+        """Unhealthy only for what a restart could fix; a source fault is reported, not fatal (the
+        other meters run on, and that meter's windows are flagged)."""
         pods = self.world.pods
         meters = {runner.name: runner.last_error or "ok" for runner, _ in self.runners.values()}
         problems = []
@@ -228,7 +233,8 @@ class Agent:
             problems.append("pod watch not synced yet")
         if not pods.healthy:
             problems.append(f"pod watch down: {pods.last_error}")
-        return not problems, {"problems": problems, "meters": meters}
+        report = AgentStatusReport(node=self.node_name, problems=problems, source_faults=self.source_faults())
+        return not problems, {**report.to_wire(), "meters": meters}
 
     async def _serve_http(self) -> web.AppRunner:
         async def healthz(_: web.Request) -> web.Response:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 
 class Telemetry:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._faulted_meters: set[str] = set()
         self.events_emitted = Counter(
             "kubemeter_agent_events_emitted",
             "Usage events written to the output.",
@@ -38,6 +41,12 @@ class Telemetry:
             ["meter"],
             registry=self.registry,
         )
+        self.source_faulted = Gauge(
+            "kubemeter_agent_source_faulted",
+            "1 while the meter's source is behind for a reason (unreachable, refused, no driver), else 0.",
+            ["meter"],
+            registry=self.registry,
+        )
         self.config_reloads = Counter(
             "kubemeter_agent_config_reloads",
             "Configuration files applied.",
@@ -56,3 +65,11 @@ class Telemetry:
 
     def lag(self, meter: str, seconds: float) -> None:
         self.lag_seconds.labels(meter).set(seconds)
+
+    def source_faults(self, faults: Mapping[str, str], meters: Iterable[str]) -> None:
+        current = set(meters)
+        for gone in self._faulted_meters - current:
+            self.source_faulted.remove(gone)  # a removed meter's series ends rather than going stale
+        for meter in current:
+            self.source_faulted.labels(meter).set(1 if meter in faults else 0)
+        self._faulted_meters = current

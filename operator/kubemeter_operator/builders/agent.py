@@ -10,6 +10,7 @@ from kubemeter.config import (
     AGENT_METRICS_PORT,
     CONFIG_DIR,
     HEALTH_PATH,
+    HOST_PROC_DIR,
     NODE_NAME_ENV,
     POD_NAME_ENV,
     CollectorSpec,
@@ -55,7 +56,8 @@ def get_agent_daemonset(
     settings: OperatorSettings,
     secret_names: Sequence[str] = (),
 ) -> Manifest:
-    """``secret_names``: Secrets the Meters' sources need (Run:ai credentials), mounted read-only."""
+    """``secret_names``: Secrets the Meters' sources need (Run:ai, Prometheus credentials), mounted
+    read-only."""
     secret_volumes = [
         {"name": f"secret-{name}", "secret": {"secretName": name, "defaultMode": 0o440}}
         for name in sorted(set(secret_names))
@@ -92,6 +94,8 @@ def get_agent_daemonset(
                     {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
                     {"name": "state", "mountPath": AGENT_STATE_DIR},
                     {"name": "pod-resources", "mountPath": POD_RESOURCES_DIR, "readOnly": True},
+                    # NVML reports host PIDs; their /proc/<pid>/cgroup names the pod (no hostPID needed).
+                    {"name": "host-proc", "mountPath": HOST_PROC_DIR, "readOnly": True},
                     *secret_mounts,
                 ],
             }
@@ -104,6 +108,7 @@ def get_agent_daemonset(
                 "hostPath": {"path": host_state_path(collector, settings), "type": "DirectoryOrCreate"},
             },
             {"name": "pod-resources", "hostPath": {"path": POD_RESOURCES_DIR, "type": "DirectoryOrCreate"}},
+            {"name": "host-proc", "hostPath": {"path": "/proc", "type": "Directory"}},
             *secret_volumes,
         ],
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -42,18 +43,48 @@ class PrometheusConnection:
     headers: dict[str, str] = field(default_factory=dict)  # e.g. X-Scope-OrgID for Mimir
     bearer_token: str | None = None
     basic_auth: tuple[str, str] | None = None
+    # Credentials in files (a mounted Secret), read at every query so a rotated Secret applies at once.
+    bearer_token_file: str | None = None
+    basic_auth_dir: str | None = None  # holds files username and password
     ca_file: str | None = None
     client_cert_file: str | None = None
     client_key_file: str | None = None
     insecure_skip_verify: bool = False
     timeout_s: float = 10.0
 
+    def credentials(self) -> tuple[dict[str, str], tuple[str, str] | None]:
+        """Authorization header and basic-auth pair for the next query; raises
+        :class:`PrometheusError` when a credentials file cannot be read."""
+        try:
+            token = self.bearer_token
+            if self.bearer_token_file:
+                token = Path(self.bearer_token_file).read_text().strip()
+            basic = self.basic_auth
+            if self.basic_auth_dir:
+                directory = Path(self.basic_auth_dir)
+                basic = (
+                    (directory / "username").read_text().strip(),
+                    (directory / "password").read_text().strip(),
+                )
+        except OSError as error:
+            raise PrometheusError(
+                f"cannot read the Prometheus credentials ({error}); check the Secret named by "
+                "spec.source.prometheus.bearerTokenSecretRef or basicAuthSecretRef"
+            ) from error
+        return ({"Authorization": f"Bearer {token}"} if token else {}), basic
+
     def verify(self) -> ssl.SSLContext | bool:
         if self.insecure_skip_verify:
             return False
-        context = ssl.create_default_context(cafile=self.ca_file)
-        if self.client_cert_file:
-            context.load_cert_chain(self.client_cert_file, self.client_key_file)
+        try:
+            context = ssl.create_default_context(cafile=self.ca_file)
+            if self.client_cert_file:
+                context.load_cert_chain(self.client_cert_file, self.client_key_file)
+        except (OSError, ssl.SSLError) as error:
+            raise PrometheusError(
+                f"cannot load the CA bundle {self.ca_file} (spec.source.prometheus.tls.caFile) or client "
+                f"certificate: {error}; mount the file into the agent or fix the path"
+            ) from error
         return context
 
 
@@ -86,13 +117,9 @@ def parse_matrix(body: dict[str, Any]) -> list[Series]:
 class PrometheusClient:
     def __init__(self, connection: PrometheusConnection) -> None:
         self.connection = connection
-        headers = dict(connection.headers)
-        if connection.bearer_token:
-            headers["Authorization"] = f"Bearer {connection.bearer_token}"
         self._http = httpx.AsyncClient(
             base_url=connection.url.rstrip("/"),
-            headers=headers,
-            auth=connection.basic_auth,
+            headers=dict(connection.headers),
             verify=connection.verify(),
             timeout=connection.timeout_s,
         )
@@ -103,8 +130,14 @@ class PrometheusClient:
     async def raw_samples(self, query: str, at_ms: int) -> list[Series]:
         """Evaluate a range-selector ``query`` at ``at_ms``: the stored samples, untouched."""
         form = {"query": query, "time": str(Decimal(at_ms).scaleb(-3))}
+        headers, basic_auth = self.connection.credentials()
         try:
-            response = await self._http.post("/api/v1/query", data=form)
+            response = await self._http.post(
+                "/api/v1/query",
+                data=form,
+                headers=headers,
+                auth=httpx.BasicAuth(*basic_auth) if basic_auth else httpx.USE_CLIENT_DEFAULT,
+            )
         except httpx.HTTPError as error:
             raise PrometheusError(
                 f"Prometheus at {self.connection.url} is unreachable ({type(error).__name__}: {error}); "

@@ -99,7 +99,10 @@ class PrometheusSource(Progress):
                 self._unexpected,
             )
         finally:
-            await self.client.close()
+            await self.close()
+
+    async def close(self) -> None:
+        await self.client.close()
 
     def _unexpected(self, error: Exception) -> None:
         self.last_error = f"prometheus: {type(error).__name__}: {error}"

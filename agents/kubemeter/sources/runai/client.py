@@ -54,7 +54,7 @@ class RunaiClient:
     def __init__(
         self,
         url: str,
-        credentials: RunaiCredentials,
+        credentials: RunaiCredentials | Callable[[], RunaiCredentials],
         page_size: int = 500,
         max_attempts: int = 5,
         initial_backoff_s: float = 0.5,
@@ -85,12 +85,14 @@ class RunaiClient:
     async def _access_token(self) -> str:
         # Refreshed a margin before expiry, so a request never leaves with a token about to lapse.
         if self._token is None or self.clock_s() >= self._token_expires_s - self.refresh_margin_s:
+            # Read at every token request, so a rotated Secret is picked up without a restart.
+            credentials = self.credentials() if callable(self.credentials) else self.credentials
             response = await self._http.post(
                 "/api/v2/token",
                 data={
                     "grant_type": "client_credentials",
-                    "client_id": self.credentials.client_id,
-                    "client_secret": self.credentials.client_secret,
+                    "client_id": credentials.client_id,
+                    "client_secret": credentials.client_secret,
                 },
             )
             if response.status_code in (400, 401, 403):

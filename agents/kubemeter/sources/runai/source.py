@@ -98,7 +98,10 @@ class RunaiSource(Progress):
                 self._unexpected,
             )
         finally:
-            await self.client.close()
+            await self.close()
+
+    async def close(self) -> None:
+        await self.client.close()
 
     def _unexpected(self, error: Exception) -> None:
         self.last_error = f"Run:ai: {type(error).__name__}: {error}"

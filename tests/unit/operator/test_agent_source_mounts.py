@@ -1,0 +1,26 @@
+"""What the agent DaemonSet gives the GPU and external sources: host /proc, PodResources, Secrets."""
+
+from __future__ import annotations
+
+from kubemeter.config import HOST_PROC_DIR, CollectorSpec
+from kubemeter_operator.builders.agent import get_agent_daemonset
+from kubemeter_operator.builders.common import CollectorRef
+from kubemeter_operator.settings import OperatorSettings
+
+REF = CollectorRef(namespace="billing", name="chargeback", uid="uid-c")
+SPEC = CollectorSpec.model_validate({"output": {"type": "openmeter", "url": "http://om"}})
+
+
+def test_nvml_sees_host_pids_through_a_read_only_host_proc_without_host_pid() -> None:
+    pod = get_agent_daemonset(REF, SPEC, OperatorSettings(), ["prom-auth"])["spec"]["template"]["spec"]
+    mounts = {mount["name"]: mount for mount in pod["containers"][0]["volumeMounts"]}
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    assert mounts["host-proc"] == {"name": "host-proc", "mountPath": HOST_PROC_DIR, "readOnly": True}
+    assert volumes["host-proc"]["hostPath"] == {"path": "/proc", "type": "Directory"}
+    assert "hostPID" not in pod
+    assert mounts["pod-resources"]["readOnly"] is True
+    assert mounts["secret-prom-auth"] == {
+        "name": "secret-prom-auth",
+        "mountPath": "/etc/kubemeter/secrets/prom-auth",
+        "readOnly": True,
+    }
