@@ -25,7 +25,6 @@ OWNED_KINDS: tuple[str, ...] = (
     "statefulsets",
     "poddisruptionbudgets",
 )
-OWNED_KINDS += ("roles", "rolebindings")
 
 
 def apply(cluster: ControlPlane, namespace: str, text: str) -> None:
