@@ -945,7 +945,9 @@ class AgentConfig(SpecModel):
         default=HOST_PROC_DIR, description="The host's /proc, to map the host PIDs NVML reports to pods."
     )
     kubelet_url: str | None = Field(
-        default=None, description="Kubelet base URL; unset means through the API server's node proxy."
+        default=None,
+        description="Kubelet base URL; unset means the InternalIP and kubelet port in the Node's status "
+        "(the kubelet authorises /stats as nodes/stats; the API server's node proxy is not used).",
     )
 
     def to_yaml(self) -> str:
