@@ -19,7 +19,7 @@ from prometheus_client.registry import Collector
 from kubemeter.config import GatewayStatusReport
 from kubemeter.output.credentials import SecretFile
 from kubemeter.output.delivery import DeliveryCore
-from kubemeter.output.ingest import IngestError, parse_cloudevents, to_record
+from kubemeter.output.ingest import IngestError, read_cloudevents
 from kubemeter.output.queue import DurableQueue, QueueFullError
 
 INGEST_PATH = "/api/v1/events"
@@ -119,7 +119,7 @@ class GatewayApp:
             self.refused.labels("unauthorized").inc()
             return problem(401, "Unauthorized", refusal, {"WWW-Authenticate": 'Bearer realm="kubemeter"'})
         try:
-            events = parse_cloudevents(request.content_type, await request.read())
+            records = read_cloudevents(request.content_type, await request.read())
         except IngestError as error:
             self.refused.labels("malformed").inc()
             return problem(400, "Bad Request", str(error))
@@ -127,12 +127,12 @@ class GatewayApp:
             self.refused.labels("too_large").inc()
             return problem(413, "Payload Too Large", f"send at most {MAX_REQUEST_BYTES} bytes per request")
         try:
-            await self.queue.enqueue([to_record(event) for event in events])
+            await self.queue.enqueue(records)
         except QueueFullError as error:
             self.refused.labels("full").inc()
             retry_after_s = str(max(1, math.ceil(error.retry_after_s)))
             return problem(503, "Service Unavailable", error.reason, {"Retry-After": retry_after_s})
-        self.ingested.inc(len(events))
+        self.ingested.inc(len(records))
         self.ack_seconds.observe(time.perf_counter() - started_s)
         return web.Response(status=204)
 

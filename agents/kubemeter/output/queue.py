@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import shutil
@@ -19,10 +20,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
+
+import msgspec
 
 from kubemeter.output import OutputFullError
-from kubemeter.output.sqlite_worker import SqliteWorker, open_connection
+from kubemeter.output.sqlite_worker import RunAlone, SqliteWorker, open_connection
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +110,10 @@ class QueueLimits:
     when_full: WhenFull = WhenFull.BLOCK
 
 
-@dataclass(frozen=True)
-class QueueRecord:
-    """One event as it is stored: its dedup key and its CloudEvent JSON."""
+class QueueRecord(NamedTuple):
+    """One event as it is stored: its dedup key and its CloudEvent JSON.
+
+    A tuple, because ingest builds one per event on the hot path."""
 
     source: str
     event_id: str
@@ -231,22 +235,28 @@ class DurableQueue:
         """
         if not records:
             return 0
-        rows = [(r.source, r.event_id, r.payload) for r in records]
-        need_bytes = sum(len(r.payload) for r in records)
+        rows = records
+        # Built here, on the caller's side, so the SQLite thread holds the GIL as little as it can.
+        payloads, index = _bulk_rows(records)
+        need_bytes = len(payloads)
+
+        exact = False  # set when the batch held events already queued; then counted row by row
 
         def insert(connection: sqlite3.Connection) -> int:
+            nonlocal exact
             self._make_room(connection, need_bytes)
             now_s = time.time()
-            connection.execute("SAVEPOINT enqueue")
-            cursor = connection.executemany(
-                "INSERT OR IGNORE INTO events (source, event_id, enqueued_at_s, payload) VALUES (?, ?, ?, ?)",
-                [(source, event_id, now_s, payload) for source, event_id, payload in rows],
-            )
-            if cursor.rowcount == len(rows):
+            if not exact:
+                # One statement for the whole batch: executemany would run a statement per row and
+                # take the GIL back after each, waiting on the HTTP thread every time.
+                cursor = connection.execute(_BULK_INSERT, (now_s, payloads, index))
+                if cursor.rowcount != len(rows):
+                    # Some were already queued (a retried request). Undo and count exactly, alone:
+                    # a savepoint per batch would cost every batch two more statements.
+                    exact = True
+                    raise RunAlone
                 stored, stored_bytes = len(rows), need_bytes
             else:
-                # Some were already queued (a retried request): redo row by row to count exactly.
-                connection.execute("ROLLBACK TO enqueue")
                 stored = stored_bytes = 0
                 for source, event_id, payload in rows:
                     one = connection.execute(
@@ -257,7 +267,6 @@ class DurableQueue:
                     if one.rowcount:
                         stored += 1
                         stored_bytes += len(payload)
-            connection.execute("RELEASE enqueue")
             self._enqueue_generation += 1
             self._pending.events += stored
             self._pending.payload_bytes += stored_bytes
@@ -523,6 +532,27 @@ class DurableQueue:
                 self._discard_pending()
                 raise
             self._apply_pending()
+
+
+# Rows from two parameters: every payload in one blob, and a JSON array of [source, event_id,
+# offset, length] (offsets 1-based, as substr counts). SQLite splits them in C, in one step.
+_BULK_INSERT = (
+    "INSERT OR IGNORE INTO events (source, event_id, enqueued_at_s, payload) "
+    "SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), ?1, "
+    "substr(?2, json_extract(value, '$[2]'), json_extract(value, '$[3]')) FROM json_each(?3)"
+)
+_encode_json = msgspec.json.Encoder().encode
+
+
+def _bulk_rows(records: Sequence[QueueRecord]) -> tuple[bytes, str]:
+    """The two parameters of :data:`_BULK_INSERT` for ``records``."""
+    lengths = [len(payload) for _, _, payload in records]
+    offsets = itertools.accumulate(lengths, initial=1)
+    index = [
+        (source, event_id, offset, length)
+        for (source, event_id, _), offset, length in zip(records, offsets, lengths, strict=False)
+    ]
+    return b"".join([payload for _, _, payload in records]), _encode_json(index).decode()
 
 
 def _chunks(seqs: Sequence[int]) -> list[Sequence[int]]:

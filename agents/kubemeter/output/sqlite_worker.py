@@ -13,6 +13,7 @@ import logging
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,11 @@ def open_connection(
     return connection
 
 
+class RunAlone(Exception):
+    """Raised by a write operation that needs a transaction of its own (e.g. to count exactly what
+    it stored): the group is rolled back and every operation of it runs again, each alone."""
+
+
 def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
     if future.done():
         return
@@ -64,8 +70,9 @@ def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | No
 class SqliteWorker:
     """Runs operations on one connection in one thread; write operations are group-committed.
 
-    ``idle`` (optional) runs inside the worker thread between groups and at least every half second,
-    outside any transaction; it gets the connection and opens its own transaction if it writes.
+    ``idle`` (optional) runs inside the worker thread when there is no work and at least every half
+    second under load, outside any transaction; it gets the connection and opens its own
+    transaction if it writes.
     ``on_commit`` and ``on_rollback`` run in the worker thread after each transaction, so in-memory
     bookkeeping done by operations is made final or undone together with the data.
     """
@@ -120,11 +127,13 @@ class SqliteWorker:
 
     def _run(self) -> None:
         stopping = False
+        idle_due_s = 0.0
         while not stopping:
             try:
                 first = self._jobs.get(timeout=_IDLE_TICK_S)
             except queue.Empty:
                 self._run_idle()
+                idle_due_s = time.monotonic() + _IDLE_TICK_S
                 continue
             group: list[_Job] = []
             if first is None:
@@ -142,7 +151,10 @@ class SqliteWorker:
                     continue
                 group.append(job)
             self._run_group(group)
-            self._run_idle()
+            # Between groups only when due: under load its statements would delay every commit.
+            if time.monotonic() >= idle_due_s or stopping:
+                self._run_idle()
+                idle_due_s = time.monotonic() + _IDLE_TICK_S
 
     def _run_group(self, group: list[_Job]) -> None:
         for job in group:
@@ -178,18 +190,27 @@ class SqliteWorker:
         self._on_rollback()
 
     def _run_alone(self, job: _Job, *, transaction: bool) -> None:
-        try:
-            if transaction:
-                self._connection.execute("BEGIN IMMEDIATE")
-            result = job.operation(self._connection)
-            if transaction:
-                self._connection.execute("COMMIT")
-                self.commits_total += 1
-        except BaseException as error:
-            if transaction:
-                self._rollback()
-            self._call_soon(job, None, error)
-            return
+        for attempt in (1, 2):
+            try:
+                if transaction:
+                    self._connection.execute("BEGIN IMMEDIATE")
+                result = job.operation(self._connection)
+                if transaction:
+                    self._connection.execute("COMMIT")
+                    self.commits_total += 1
+            except RunAlone as error:
+                if transaction:
+                    self._rollback()
+                if attempt == 1 and transaction:
+                    continue  # it is alone now; the operation knows to take its exact path
+                self._call_soon(job, None, error)
+                return
+            except BaseException as error:
+                if transaction:
+                    self._rollback()
+                self._call_soon(job, None, error)
+                return
+            break
         if transaction:
             self._on_commit()
         self._call_soon(job, result, None)

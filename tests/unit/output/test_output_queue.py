@@ -52,6 +52,23 @@ async def test_the_same_event_enqueued_twice_is_stored_once(tmp_path: Path) -> N
     await queue.close()
 
 
+async def test_a_retried_batch_among_new_ones_is_counted_exactly_and_the_others_are_stored(
+    tmp_path: Path,
+) -> None:
+    queue = await DurableQueue.open(tmp_path / "q.db")
+    await queue.enqueue(records(5, prefix="old"))
+    # One commit group: a retried batch (half already queued, one event twice) beside new batches.
+    retried = [*records(10, prefix="old"), records(1, prefix="old")[0]]
+    stored = await asyncio.gather(
+        queue.enqueue(records(4, prefix="a")), queue.enqueue(retried), queue.enqueue(records(3, prefix="b"))
+    )
+    assert stored == [4, 5, 3]
+    stats = queue.stats()
+    assert (stats.events, stats.payload_bytes) == (17, 1700)
+    assert len(stored_ids(tmp_path / "q.db")) == 17
+    await queue.close()
+
+
 async def test_concurrent_writers_share_commits(tmp_path: Path) -> None:
     queue = await DurableQueue.open(tmp_path / "q.db")
     writers = 100
