@@ -218,6 +218,11 @@ def main(argv: Sequence[str]) -> int:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if os.environ.get("KUBEMETER_TEST_FAKE_NVML"):
+        # GPU tests without a GPU: NVML answers from the fake at the pynvml boundary.
+        from tests.support.live_nvml import install_from_file
+
+        install_from_file(os.environ["KUBEMETER_TEST_FAKE_NVML"])
     agent = Agent(
         args.config, args.node_name, lambda _config: SqliteEventOutput(own.events_db), args.kubeconfig
     )
