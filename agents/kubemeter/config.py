@@ -1010,3 +1010,6 @@ class AgentStatusReport(SpecModel):
         default_factory=dict,
         description="Meter (namespace/name) -> why its source is behind; its windows are flagged meanwhile.",
     )
+    meters: dict[str, str] = Field(
+        default_factory=dict, description="Meter (namespace/name) -> ok, or why closing its windows failed."
+    )

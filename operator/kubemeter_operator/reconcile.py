@@ -10,11 +10,19 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from kubemeter.config import GATEWAY_PORT, GATEWAY_STATUS_PATH, GatewayStatusReport
+from kubemeter.config import (
+    AGENT_METRICS_PORT,
+    GATEWAY_PORT,
+    GATEWAY_STATUS_PATH,
+    HEALTH_PATH,
+    AgentStatusReport,
+    GatewayStatusReport,
+)
 from kubernetes.client.exceptions import ApiException
 
 from kubemeter_operator.builders import build_children
@@ -79,6 +87,7 @@ class Reconciler:
         self.settings = settings
         self.post_event = post_event
         self.gateway_reports: dict[tuple[str, str], list[GatewayStatusReport]] = {}
+        self.agent_reports: dict[tuple[str, str], list[AgentStatusReport]] = {}
         self._degraded: dict[tuple[str, str], int] = {}  # (namespace, kind) -> count
 
     def reconcile(self, snapshot: NamespaceSnapshot, refresh: bool = False) -> None:
@@ -119,6 +128,9 @@ class Reconciler:
                     self.gateway_reports[(namespace, collector.name)] = self._read_gateway_reports(
                         namespace, collector.name
                     )
+                    self.agent_reports[(namespace, collector.name)] = self._read_agent_reports(
+                        namespace, collector.name
+                    )
             agents = snapshot.agents.get(collector.name, WorkloadCounts(0, 0))
             gateway = snapshot.gateways.get(collector.name, WorkloadCounts(0, 0))
             desired = collector_status(
@@ -131,6 +143,7 @@ class Reconciler:
                 {"desired": gateway.desired, "ready": gateway.ready},
                 self.gateway_reports.get((namespace, collector.name)) or None,
                 now,
+                agent_reports=self.agent_reports.get((namespace, collector.name)),
             )
             self._write_status(collector, desired)
 
@@ -215,6 +228,37 @@ class Reconciler:
             except Exception as error:  # unreachable or not yet serving: keep the last known numbers
                 log.debug("gateway %s/%s at %s did not report: %s", namespace, collector, url, error)
         return reports
+
+    def _read_agent_reports(self, namespace: str, collector: str) -> list[AgentStatusReport]:
+        """Ask each ready agent pod for its source faults (``/healthz``), a few at a time; an agent
+        that does not answer is left out (its DaemonSet readiness already says it is down)."""
+        import httpx
+
+        selector = f"app.kubernetes.io/instance={collector},app.kubernetes.io/component=agent"
+        urls = [
+            f"http://{pod['status']['podIP']}:{AGENT_METRICS_PORT}{HEALTH_PATH}"
+            for pod in self.api.list("v1", "Pod", namespace, selector)
+            if (pod.get("status") or {}).get("podIP") and _pod_ready(pod)
+        ]
+
+        def read(url: str) -> AgentStatusReport | None:
+            try:
+                # 503 still carries the report (the agent's pod watch is down, say).
+                response = httpx.get(url, timeout=self.settings.gateway_status_timeout_seconds)
+                return AgentStatusReport.model_validate(response.json())
+            except Exception as error:
+                log.debug("agent %s/%s at %s did not report: %s", namespace, collector, url, error)
+                return None
+
+        if not urls:
+            return []
+        with ThreadPoolExecutor(max_workers=min(16, len(urls))) as pool:
+            return [report for report in pool.map(read, urls) if report is not None]
+
+
+def _pod_ready(pod: Mapping[str, Any]) -> bool:
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
 
 
 def _apply_problem(collector: str, error: ApiException) -> Problem:

@@ -60,6 +60,14 @@ class BufferStats(SpecModel):
     oldest_event_age_seconds: float = Field(default=0, ge=0, description="Age of the oldest buffered event.")
 
 
+class SourceFault(SpecModel):
+    """A meter whose source is behind on one node; its windows there are flagged until it clears."""
+
+    meter: str = Field(description="The Meter, namespace/name.")
+    node: str = Field(description="The node whose agent reports it.")
+    reason: str = Field(max_length=4096, description="Why, as the source says (unreachable, refused, ...).")
+
+
 class CollectorStatus(SpecModel):
     """What the operator and the gateways observed: agents, gateways, buffer and delivery."""
 
@@ -81,6 +89,11 @@ class CollectorStatus(SpecModel):
     )
     last_delivery_error: str | None = Field(
         default=None, max_length=4096, description="The latest delivery failure reported by the gateway."
+    )
+    source_faults: list[SourceFault] = Field(
+        default_factory=list,
+        max_length=20,
+        description="Meters whose source is behind on some node (the first 20), as the agents report.",
     )
 
 

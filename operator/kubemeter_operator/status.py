@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from kubemeter.config import GatewayStatusReport
+from kubemeter.config import AgentStatusReport, GatewayStatusReport
 
 from kubemeter_operator.resolve import Problem
 from kubemeter_operator.resources import ConditionStatus
@@ -18,6 +18,7 @@ from kubemeter_operator.resources import ConditionStatus
 READY = "Ready"
 DEGRADED = "Degraded"
 MAX_MESSAGE_CHARS = 2000
+MAX_SOURCE_FAULTS = 20  # listed in the status; the Degraded message says how many there are in all
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,27 @@ def collector_ready(
     )
 
 
+def source_faults(reports: Sequence[AgentStatusReport]) -> list[dict[str, str]]:
+    """Every meter whose source is behind on some node, with the reason, sorted."""
+    faults = [
+        {"meter": meter, "node": report.node, "reason": reason}
+        for report in reports
+        for meter, reason in report.source_faults.items()
+    ]
+    return sorted(faults, key=lambda fault: (fault["meter"], fault["node"]))
+
+
+def source_fault_problem(faults: Sequence[Mapping[str, str]]) -> Problem:
+    """One Degraded reason for all source faults: the meters run on, their windows are flagged."""
+    shown = "; ".join(f'Meter "{f["meter"]}" on node {f["node"]}: {f["reason"]}' for f in faults[:3])
+    more = f" (and {len(faults) - 3} more, see status.sourceFaults)" if len(faults) > 3 else ""
+    return Problem(
+        "SourceFault",
+        f"{len(faults)} source fault(s); those meters' windows are flagged incomplete until it clears: "
+        f"{shown}{more}",
+    )
+
+
 def collector_status(
     previous: Mapping[str, Any],
     generation: int,
@@ -129,11 +151,19 @@ def collector_status(
     gateway: Mapping[str, int],
     reports: Sequence[GatewayStatusReport] | None,
     now: datetime,
+    agent_reports: Sequence[AgentStatusReport] | None = None,
 ) -> dict[str, Any]:
-    """``reports``: the gateways' /status bodies, or None when none answered (keep what is known)."""
+    """``reports``: the gateways' /status bodies, or None when none answered (keep what is known).
+    ``agent_reports``: the agents' /healthz bodies, or None when not read yet (keep what is known).
+    A source fault degrades the Collector but does not make it unready: the other meters run on."""
+    if agent_reports is not None:
+        faults = source_faults(agent_reports)
+    else:
+        faults = list(previous.get("sourceFaults") or [])
+    degraded = list(problems) + ([source_fault_problem(faults)] if faults else [])
     values = {
         READY: collector_ready(problems, replicas, agents, gateway),
-        DEGRADED: degraded_value(problems),
+        DEGRADED: degraded_value(degraded),
     }
     status: dict[str, Any] = {
         "observedGeneration": generation,
@@ -141,6 +171,7 @@ def collector_status(
         "agents": {"desired": agents.get("desired", 0), "ready": agents.get("ready", 0)},
         "gateway": {"desired": replicas, "ready": gateway.get("ready", 0)},
         "meters": meter_count,
+        "sourceFaults": faults[:MAX_SOURCE_FAULTS],
     }
     if reports:
         status["buffer"] = {

@@ -233,8 +233,10 @@ class Agent:
             problems.append("pod watch not synced yet")
         if not pods.healthy:
             problems.append(f"pod watch down: {pods.last_error}")
-        report = AgentStatusReport(node=self.node_name, problems=problems, source_faults=self.source_faults())
-        return not problems, {**report.to_wire(), "meters": meters}
+        report = AgentStatusReport(
+            node=self.node_name, problems=problems, source_faults=self.source_faults(), meters=meters
+        )
+        return not problems, report.to_wire()
 
     async def _serve_http(self) -> web.AppRunner:
         async def healthz(_: web.Request) -> web.Response:

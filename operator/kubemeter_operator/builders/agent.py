@@ -54,17 +54,17 @@ def get_agent_daemonset(
     collector: CollectorRef,
     spec: CollectorSpec,
     settings: OperatorSettings,
-    secret_names: Sequence[str] = (),
+    agent_secret_names: Sequence[str] = (),
 ) -> Manifest:
-    """``secret_names``: Secrets the Meters' sources need (Run:ai, Prometheus credentials), mounted
+    """``agent_secret_names``: Secrets the Meters' sources need (Run:ai, Prometheus credentials), mounted
     read-only."""
     secret_volumes = [
         {"name": f"secret-{name}", "secret": {"secretName": name, "defaultMode": 0o440}}
-        for name in sorted(set(secret_names))
+        for name in sorted(set(agent_secret_names))
     ]
     secret_mounts = [
         {"name": f"secret-{name}", "mountPath": secret_dir(name), "readOnly": True}
-        for name in sorted(set(secret_names))
+        for name in sorted(set(agent_secret_names))
     ]
     pod_spec: dict[str, Any] = {
         "serviceAccountName": collector.agent_name,

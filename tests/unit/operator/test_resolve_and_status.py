@@ -179,6 +179,31 @@ def test_unchanged_situation_yields_an_identical_status() -> None:
     }
 
 
+def test_a_source_fault_an_agent_reports_degrades_the_collector_but_keeps_it_ready() -> None:
+    from kubemeter.config import AgentStatusReport
+
+    counts = ({"desired": 2, "ready": 2}, {"desired": 1, "ready": 1})
+    reports = [
+        AgentStatusReport(node="gpu-1", source_faults={"ml/gpu-energy": "nvml unavailable: no driver"}),
+        AgentStatusReport(node="gpu-0", source_faults={"ml/gpu-energy": "nvml unavailable: no driver"}),
+        AgentStatusReport(node="cpu-0"),
+    ]
+    faulted = collector_status({}, 1, [], 1, 2, *counts, None, NOW, agent_reports=reports)
+    assert faulted["sourceFaults"] == [
+        {"meter": "ml/gpu-energy", "node": "gpu-0", "reason": "nvml unavailable: no driver"},
+        {"meter": "ml/gpu-energy", "node": "gpu-1", "reason": "nvml unavailable: no driver"},
+    ]
+    conditions = {c["type"]: c for c in faulted["conditions"]}
+    assert conditions["Ready"]["status"] == "True"
+    assert conditions["Degraded"]["status"] == "True" and conditions["Degraded"]["reason"] == "SourceFault"
+    assert 'Meter "ml/gpu-energy" on node gpu-0: nvml unavailable' in conditions["Degraded"]["message"]
+    # Between reads of the agents the last known faults stay; a read without faults clears them.
+    assert collector_status(faulted, 1, [], 1, 2, *counts, None, LATER) == faulted
+    cleared = collector_status(faulted, 1, [], 1, 2, *counts, None, LATER, agent_reports=reports[2:])
+    assert cleared["sourceFaults"] == []
+    assert [e.reason for e in transition_events(faulted, cleared)] == ["Recovered"]
+
+
 def test_a_new_problem_posts_one_warning_and_its_fix_posts_a_recovery() -> None:
     from kubemeter_operator.resolve import Problem
 
