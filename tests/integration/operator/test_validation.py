@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.support.controlplane import ControlPlane
+from tests.support.controlplane import REPO_ROOT, ControlPlane
 
 pytestmark = pytest.mark.integration
 
@@ -17,6 +17,7 @@ METER: dict[str, Any] = {
     "source": {"allocation": {"resource": "nvidia.com/gpu"}},
 }
 OUTPUT: dict[str, Any] = {"type": "openmeter", "url": "http://openmeter:8888"}
+PROMETHEUS: dict[str, Any] = {"url": "https://prometheus:9090", "query": "DCGM_FI_DEV_FB_USED"}
 
 
 def resource(kind: str, spec: dict[str, Any], name: str = "x") -> dict[str, Any]:
@@ -150,6 +151,61 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         "set exactly one of meters (a list of Meter names) or meterSelector",
     ),
     (
+        "meter-prometheus-two-auths",
+        resource(
+            "Meter",
+            with_(
+                METER,
+                source={
+                    "prometheus": {
+                        **PROMETHEUS,
+                        "bearerTokenSecretRef": {"name": "t", "key": "token"},
+                        "basicAuthSecretRef": {"name": "b"},
+                    }
+                },
+            ),
+        ),
+        "set bearerTokenSecretRef or basicAuthSecretRef, not both",
+    ),
+    (
+        "meter-prometheus-credentials-in-headers",
+        resource(
+            "Meter",
+            with_(METER, source={"prometheus": {**PROMETHEUS, "headers": {"Authorization": "Bearer x"}}}),
+        ),
+        "headers must not carry credentials (Authorization)",
+    ),
+    (
+        "meter-prometheus-ca-and-insecure",
+        resource(
+            "Meter",
+            with_(
+                METER,
+                source={"prometheus": {**PROMETHEUS, "tls": {"caFile": "/ca", "insecureSkipVerify": True}}},
+            ),
+        ),
+        "set caFile or insecureSkipVerify, not both",
+    ),
+    (
+        "meter-runai-more-than-1000-samples",
+        resource(
+            "Meter",
+            with_(
+                METER,
+                windowSeconds=3600,
+                source={
+                    "runai": {
+                        "url": "https://org.run.ai",
+                        "metric": "GPU_ALLOCATION",
+                        "credentialsSecretRef": {"name": "r"},
+                        "sampleStepSeconds": 1,
+                    }
+                },
+            ),
+        ),
+        "Run:ai returns at most 1000 samples per request",
+    ),
+    (
         "pipeline-neither-meters-nor-selector",
         resource("Pipeline", {"collectorRef": "c"}),
         "set exactly one of meters (a list of Meter names) or meterSelector",
@@ -193,6 +249,13 @@ def test_invalid_resource_is_refused_at_apply(
     result = cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(manifest), check=False)
     assert result.returncode != 0, f"{case} was accepted: {result.stdout}"
     assert message in result.stderr, result.stderr
+
+
+def test_every_example_is_accepted_by_the_api_server(
+    cluster: ControlPlane, crds: None, namespace: str
+) -> None:
+    for path in sorted((REPO_ROOT / "examples").glob("*.yaml")):
+        cluster.kubectl("apply", "-n", namespace, "--dry-run=server", "-f", str(path))
 
 
 def test_buffer_shape_cannot_change_once_the_volumes_exist(
