@@ -713,6 +713,71 @@ class RateLimitSpec(SpecModel):
 _CREDENTIAL_HEADERS = ("authorization", "x-api-key", "proxy-authorization")
 
 
+class CloudEventsMode(StrEnum):
+    BATCH = "batch"
+    STRUCTURED = "structured"
+
+
+class CloudEventsOutputSpec(SpecModel):
+    """Options of output type cloudevents (any CloudEvents HTTP endpoint; output.url is the endpoint)."""
+
+    mode: CloudEventsMode = Field(
+        default=CloudEventsMode.BATCH,
+        description=(
+            "batch: one request per batch, a JSON array as application/cloudevents-batch+json; "
+            "structured: one request per event, application/cloudevents+json (HTTP binding, structured "
+            "mode), for endpoints that take no batches."
+        ),
+    )
+
+
+_SUBSCRIPTION_ID = Annotated[str, Field(min_length=1, max_length=255)]
+
+
+class LagoOutputSpec(SpecModel):
+    """Options of output type lago: which subscription an event bills (its external_subscription_id).
+
+    Lago bills subscriptions, not customers. Looked up in this order: subscriptionIdBySubject, then
+    subscriptionIdDimension or subscriptionIdExpression; with neither set, the event subject itself.
+    An event none of them gives an id is dead-lettered with the reason, never sent to a guessed one.
+    """
+
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            (
+                "!(has(self.subscriptionIdDimension) && has(self.subscriptionIdExpression))",
+                "output.lago: set subscriptionIdDimension or subscriptionIdExpression, not both",
+            )
+        )
+    )
+
+    subscription_id_by_subject: dict[str, _SUBSCRIPTION_ID] = Field(
+        default_factory=dict,
+        json_schema_extra={"maxProperties": 10_000},
+        description="external_subscription_id per event subject (the customer), e.g. team-vision: sub_42.",
+    )
+    subscription_id_dimension: DataKey | None = Field(
+        default=None,
+        description=(
+            "Event data key holding the external_subscription_id, e.g. a Meter dimension read from a "
+            "namespace label."
+        ),
+    )
+    subscription_id_expression: CelExpression | None = Field(
+        default=None,
+        description=(
+            "CEL over event (the CloudEvent as processors see it) giving the external_subscription_id, "
+            "e.g. event.subject + '-' + event.data.gpu_model."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _one_way(self) -> Self:
+        if self.subscription_id_dimension is not None and self.subscription_id_expression is not None:
+            raise ValueError("output.lago: set subscriptionIdDimension or subscriptionIdExpression, not both")
+        return self
+
+
 class OutputSpec(SpecModel):
     """Where events are delivered."""
 
@@ -729,6 +794,14 @@ class OutputSpec(SpecModel):
                 "output.headers must not carry credentials (Authorization, X-Api-Key); put the secret in a "
                 "Secret and name it in output.credentialsSecretRef",
             ),
+            (
+                "!has(self.cloudevents) || self.type == 'cloudevents'",
+                "output.cloudevents applies to type cloudevents only; remove it or change output.type",
+            ),
+            (
+                "!has(self.lago) || self.type == 'lago'",
+                "output.lago applies to type lago only; remove it or change output.type",
+            ),
         )
     )
 
@@ -740,12 +813,27 @@ class OutputSpec(SpecModel):
     headers: dict[str, Annotated[str, Field(max_length=1024)]] = Field(
         default_factory=dict,
         json_schema_extra={"maxProperties": 32},
-        description="Extra HTTP headers sent with each request; no credentials here.",
+        description="Extra HTTP headers sent with each request (any type); no credentials here.",
     )
     batch: BatchSpec = Field(default_factory=BatchSpec, description="How events are grouped into requests.")
     retry: RetrySpec = Field(default_factory=RetrySpec, description="Backoff between retries.")
     rate_limit: RateLimitSpec = Field(default_factory=RateLimitSpec, description="Request rate cap.")
     timeout_seconds: float = Field(default=30.0, gt=0, le=600, description="Timeout of one HTTP request.")
+    cloudevents: CloudEventsOutputSpec | None = Field(
+        default=None, description="Options of type cloudevents: structured or batch mode."
+    )
+    lago: LagoOutputSpec | None = Field(
+        default=None, description="Options of type lago: which subscription each event bills."
+    )
+
+    @model_validator(mode="after")
+    def _options_match_the_type(self) -> Self:
+        for name, applies_to in (("cloudevents", OutputType.CLOUDEVENTS), ("lago", OutputType.LAGO)):
+            if getattr(self, name) is not None and self.type is not applies_to:
+                raise ValueError(
+                    f"output.{name} applies to type {applies_to.value} only; remove it or change output.type"
+                )
+        return self
 
     @model_validator(mode="after")
     def _credentials_by_reference(self) -> Self:
@@ -794,11 +882,23 @@ class BufferSpec(SpecModel):
         default=None, max_length=253, description="StorageClass of the volume; the cluster default if unset."
     )
     retention_hours: int = Field(
-        default=168, ge=1, le=24 * 366, description="Delivered and dead-lettered events are kept this long."
+        default=168,
+        ge=1,
+        le=24 * 366,
+        description=(
+            "Age cap of the buffer: the longest an undelivered event may wait on the volume, counted from "
+            "when the gateway accepted it. Past it the buffer counts as full and whenFull applies: Block "
+            "answers ingest 503 (agents spool and push back) until delivery catches up; DropOldest drops "
+            "the events older than this, counted. Delivered events are deleted at once; dead-lettered "
+            "events stay until kubemeter dlq purge."
+        ),
     )
     when_full: BufferFullPolicy = Field(
         default=BufferFullPolicy.BLOCK,
-        description="Block: push back on agents (nothing lost); DropOldest: discard the oldest events.",
+        description=(
+            "When the buffer is full (its bytes at the cap, or its oldest event past retentionHours): "
+            "Block pushes back on agents (nothing lost); DropOldest discards the oldest events, counted."
+        ),
     )
     on_delete: BufferDeletePolicy = Field(
         default=BufferDeletePolicy.RETAIN,
@@ -842,6 +942,13 @@ class AgentSpec(SpecModel):
     )
 
 
+_INGEST_TOKEN_OWN_SECRET = (
+    "gateway.ingestTokenSecretRef must name a Secret of its own, not the one in "
+    "output.credentialsSecretRef: agents on every node mount the ingest token's Secret and must not "
+    "see the billing API key"
+)
+
+
 class GatewaySpec(SpecModel):
     replicas: int = Field(
         default=1,
@@ -851,6 +958,16 @@ class GatewaySpec(SpecModel):
     )
     resources: ResourceRequirements = Field(
         default_factory=_default_gateway_resources, description="Resources of each gateway container."
+    )
+    ingest_token_secret_ref: SecretKeyRef | None = Field(
+        default=None,
+        description=(
+            "Secret key holding the bearer token agents and applications send to the gateway's ingest "
+            "(Authorization: Bearer). The gateway accepts every line of it, agents send the first, and "
+            "both re-read it when the kubelet updates the Secret: rotate with no restart by writing "
+            "'new<newline>old', then 'new'. Use a Secret of its own: agents on every node mount it. "
+            "Unset, ingest accepts unauthenticated requests."
+        ),
     )
 
 
@@ -891,6 +1008,17 @@ class Toleration(SpecModel):
 class CollectorSpec(SpecModel):
     """Where agents run and where their events go."""
 
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            (
+                "!has(self.gateway) || !has(self.gateway.ingestTokenSecretRef) || "
+                "!has(self.output.credentialsSecretRef) || "
+                "self.gateway.ingestTokenSecretRef.name != self.output.credentialsSecretRef.name",
+                _INGEST_TOKEN_OWN_SECRET,
+            )
+        )
+    )
+
     node_selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(
         default_factory=dict,
         json_schema_extra={"maxProperties": 32},
@@ -903,6 +1031,13 @@ class CollectorSpec(SpecModel):
     output: OutputSpec = Field(description="The billing API events are delivered to.")
     buffer: BufferSpec = Field(default_factory=BufferSpec, description="The gateway's durable buffer.")
     gateway: GatewaySpec = Field(default_factory=GatewaySpec, description="The gateway StatefulSet.")
+
+    @model_validator(mode="after")
+    def _ingest_token_in_its_own_secret(self) -> Self:
+        token, credentials = self.gateway.ingest_token_secret_ref, self.output.credentials_secret_ref
+        if token is not None and credentials is not None and token.name == credentials.name:
+            raise ValueError(_INGEST_TOKEN_OWN_SECRET)
+        return self
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -949,6 +1084,13 @@ class AgentConfig(SpecModel):
         description="Kubelet base URL; unset means the InternalIP and kubelet port in the Node's status "
         "(the kubelet authorises /stats as nodes/stats; the API server's node proxy is not used).",
     )
+    ingest_token_file: str | None = Field(
+        default=None,
+        description=(
+            "File holding the gateway's ingest token (gateway.ingestTokenSecretRef, mounted); its first "
+            "line is sent as Authorization: Bearer, re-read when the file changes."
+        ),
+    )
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_wire(), sort_keys=False)
@@ -971,6 +1113,13 @@ class GatewayConfig(SpecModel):
     buffer: BufferSpec = Field(default_factory=BufferSpec, description="Buffer policy.")
     buffer_max_bytes: int = Field(ge=1, description="buffer.size in bytes: the cap of the on-disk queue.")
     data_dir: str = Field(description="Directory on the PersistentVolume for the queue.")
+    ingest_token_file: str | None = Field(
+        default=None,
+        description=(
+            "File holding the accepted ingest tokens, one per line (gateway.ingestTokenSecretRef, "
+            "mounted), re-read when it changes; unset means ingest is not authenticated."
+        ),
+    )
     listen_address: str = Field(
         default=f"0.0.0.0:{GATEWAY_PORT}", description="host:port for ingest, /healthz, /metrics, /status."
     )

@@ -198,9 +198,11 @@ def referenced_secrets(collectors: Sequence[ObjectView], meters: Sequence[Object
     """Secret names the resolution will ask about, so the caller can read exactly those."""
     names: set[str] = set()
     for collector in collectors:
-        reference = (collector.spec.get("output") or {}).get("credentialsSecretRef") or {}
-        if reference.get("name"):
-            names.add(reference["name"])
+        references = [
+            (collector.spec.get("output") or {}).get("credentialsSecretRef"),
+            (collector.spec.get("gateway") or {}).get("ingestTokenSecretRef"),
+        ]
+        names.update(r["name"] for r in references if isinstance(r, Mapping) and r.get("name"))
     for meter in meters:
         source = meter.spec.get("source") or {}
         references = [
@@ -215,29 +217,32 @@ def referenced_secrets(collectors: Sequence[ObjectView], meters: Sequence[Object
 def _collector_secret_problems(
     collector: ObjectView, spec: CollectorSpec, secrets: SecretKeys
 ) -> list[Problem]:
-    reference = spec.output.credentials_secret_ref
-    if reference is None:
-        return []
-    keys = secrets.get(reference.name)
-    if keys is None:
-        return [
-            Problem(
-                "SecretNotFound",
-                f'Collector "{collector.name}": spec.output.credentialsSecretRef names Secret '
-                f'"{reference.name}", which does not exist in namespace "{collector.namespace}"; '
-                f'create it with key "{reference.key}"',
+    problems = []
+    for field_path, reference in (
+        ("spec.output.credentialsSecretRef", spec.output.credentials_secret_ref),
+        ("spec.gateway.ingestTokenSecretRef", spec.gateway.ingest_token_secret_ref),
+    ):
+        if reference is None:
+            continue
+        keys = secrets.get(reference.name)
+        if keys is None:
+            problems.append(
+                Problem(
+                    "SecretNotFound",
+                    f'Collector "{collector.name}": {field_path} names Secret "{reference.name}", which '
+                    f'does not exist in namespace "{collector.namespace}"; create it with key '
+                    f'"{reference.key}"',
+                )
             )
-        ]
-    if reference.key not in keys:
-        return [
-            Problem(
-                "SecretKeyNotFound",
-                f'Collector "{collector.name}": Secret "{reference.name}" has no key "{reference.key}" '
-                f"(it has: {', '.join(sorted(keys)) or 'none'}); add the key or fix "
-                "spec.output.credentialsSecretRef.key",
+        elif reference.key not in keys:
+            problems.append(
+                Problem(
+                    "SecretKeyNotFound",
+                    f'Collector "{collector.name}": Secret "{reference.name}" has no key "{reference.key}" '
+                    f"(it has: {', '.join(sorted(keys)) or 'none'}); add the key or fix {field_path}.key",
+                )
             )
-        ]
-    return []
+    return problems
 
 
 def resolve_namespace(

@@ -13,13 +13,14 @@ from pathlib import Path
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from kubemeter.config import BufferFullPolicy, GatewayConfig, OutputSpec, OutputType
+from kubemeter.config import BufferFullPolicy, CloudEventsMode, GatewayConfig, OutputSpec, OutputType
 from kubemeter.gateway.app import GatewayApp
 from kubemeter.output.credentials import SecretFile
 from kubemeter.output.delivery import DeliveryCore, DeliveryPolicy, Sink
 from kubemeter.output.queue import DurableQueue, QueueLimits, WhenFull
 from kubemeter.output.sinks import CloudEventsSink, FlexpriceSink, LagoSink, OpenMeterSink
 from kubemeter.output.sinks.lago import DEFAULT_MAX_BATCH_EVENTS as LAGO_DEFAULT_MAX_BATCH_EVENTS
+from kubemeter.output.sinks.lago import SubscriptionMapping
 
 log = logging.getLogger("kubemeter.gateway")
 
@@ -27,7 +28,7 @@ QUEUE_FILE = "queue.db"
 
 
 def sink_for(output: OutputSpec) -> Sink:
-    """The encoder/classifier for ``output.type``."""
+    """The encoder/classifier for ``output.type`` (``output.headers`` are added by the delivery core)."""
     url = output.url
     if output.type is OutputType.OPENMETER:
         return OpenMeterSink(url, max_batch_events=output.batch.max_events)
@@ -37,10 +38,13 @@ def sink_for(output: OutputSpec) -> Sink:
         # Lago's server cap is 100 unless raised; only an explicit batch.maxEvents goes beyond it.
         explicit = "max_events" in output.batch.model_fields_set
         return LagoSink(
-            url, max_batch_events=output.batch.max_events if explicit else LAGO_DEFAULT_MAX_BATCH_EVENTS
+            url,
+            max_batch_events=output.batch.max_events if explicit else LAGO_DEFAULT_MAX_BATCH_EVENTS,
+            subscriptions=SubscriptionMapping.from_spec(output.lago),
         )
+    structured = output.cloudevents is not None and output.cloudevents.mode is CloudEventsMode.STRUCTURED
     return CloudEventsSink(
-        url, mode="batch", headers=output.headers, max_batch_events=output.batch.max_events
+        url, mode="structured" if structured else "batch", max_batch_events=output.batch.max_events
     )
 
 
@@ -83,8 +87,10 @@ async def serve(config: GatewayConfig, *, ingest_token_file: Path | None) -> Non
         policy=policy_for(config.output),
         credentials=credentials,
         registry=registry,
+        headers=config.output.headers,
     )
-    token = SecretFile(ingest_token_file) if ingest_token_file else None
+    token_path = ingest_token_file or (Path(config.ingest_token_file) if config.ingest_token_file else None)
+    token = SecretFile(token_path) if token_path else None
     if token is None:
         log.warning("no ingest token file given: anyone who reaches the gateway can send events")
     gateway = GatewayApp(queue, delivery=delivery, ingest_token=token, registry=registry)
@@ -123,7 +129,8 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument(
         "--ingest-token-file",
         type=Path,
-        help="bearer token(s) agents and applications must send, one per line; re-read on change",
+        help="bearer token(s) agents and applications must send, one per line, re-read on change; "
+        "overrides ingestTokenFile of the config",
     )
     args = parser.parse_args(list(argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -29,13 +29,16 @@ class EventOutput(Protocol):
 
 
 def agent_output(config: AgentConfig, *, token_file: Path | None = None) -> LazySpoolOutput:
-    """The agent's :class:`EventOutput`: the node-local spool, forwarded to ``config.gateway_url``.
+    """The agent's :class:`EventOutput`: the node-local spool, forwarded to ``config.gateway_url``
+    with the ingest token of ``config.ingest_token_file`` (``token_file`` overrides it).
 
     Call ``await output.start()`` at startup (forwards what a killed run left in the spool) and
     ``await output.close(drain_timeout_s)`` on SIGTERM.
     """
     from kubemeter.output.spool import LazySpoolOutput
 
+    if token_file is None and config.ingest_token_file:
+        token_file = Path(config.ingest_token_file)
     return LazySpoolOutput(
         Path(config.spool_dir), config.gateway_url, max_bytes=config.spool_max_bytes, token_file=token_file
     )

@@ -53,6 +53,16 @@ class Verdict:
     per_event: Mapping[int, tuple[DeliveryOutcome, str]] = field(default_factory=dict)
 
 
+class UnencodableEvent(ValueError):
+    """Raised by :meth:`Sink.encode`: the event at ``index`` of the batch cannot be expressed in this
+    API (e.g. no Lago subscription for it). It is dead-lettered with ``reason``; the rest is sent."""
+
+    def __init__(self, index: int, reason: str) -> None:
+        super().__init__(reason)
+        self.index = index
+        self.reason = reason
+
+
 @dataclass(frozen=True)
 class EncodedRequest:
     """One HTTP request: ``url`` is absolute, ``headers`` exclude authentication."""
@@ -97,8 +107,12 @@ def retry_after_seconds(headers: Mapping[str, str], *, now_s: float | None = Non
     return None
 
 
-def standard_verdict(response: httpx.Response) -> Verdict:
-    """The delivery rules every API shares, by status code (DESIGN.md, "Delivery rules")."""
+BILLING_CREDENTIALS_FIX = "fix the API key in the Secret named by output.credentialsSecretRef"
+
+
+def standard_verdict(response: httpx.Response, *, unauthorized_fix: str = BILLING_CREDENTIALS_FIX) -> Verdict:
+    """The delivery rules every API shares, by status code (DESIGN.md, "Delivery rules").
+    ``unauthorized_fix`` is what a 401/403 tells the reader to do."""
     status = response.status_code
     if 200 <= status < 300:
         return Verdict(DeliveryOutcome.DELIVERED)
@@ -111,10 +125,7 @@ def standard_verdict(response: httpx.Response) -> Verdict:
             DeliveryOutcome.RETRY_LATER, reason, retry_after_s=retry_after_seconds(response.headers)
         )
     if status in (401, 403):
-        return Verdict(
-            DeliveryOutcome.UNAUTHORIZED,
-            f"{reason}; fix the API key in the Secret named by output.credentialsSecretRef",
-        )
+        return Verdict(DeliveryOutcome.UNAUTHORIZED, f"{reason}; {unauthorized_fix}")
     if status in (400, 413, 422):
         return Verdict(DeliveryOutcome.REJECTED, reason)
     if status in (404, 405):
@@ -214,9 +225,12 @@ class DeliveryCore:
         policy: DeliveryPolicy | None = None,
         credentials: SecretFile | None = None,
         registry: CollectorRegistry | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
+        """``headers`` (``output.headers``) go with every request; the sink's own win on a clash."""
         self.queue = queue
         self.sink = sink
+        self.headers = dict(headers or {})
         self.policy = policy or DeliveryPolicy()
         self.credentials = credentials
         self.status = DeliveryStatus()
@@ -296,7 +310,15 @@ class DeliveryCore:
         parts = [batch]
         while parts:
             part = parts.pop()
-            verdict, response_text = await self._send(part)
+            try:
+                request = self.sink.encode(part)
+            except UnencodableEvent as error:
+                await self._dead_letter([part[error.index]], f"not sent: {error.reason}", "")
+                rest = [*part[: error.index], *part[error.index + 1 :]]
+                if rest:
+                    parts.append(rest)
+                continue
+            verdict, response_text = await self._send(part, request)
             if verdict.outcome is DeliveryOutcome.DELIVERED:
                 await self._delivered(part)
                 continue
@@ -329,17 +351,17 @@ class DeliveryCore:
                 middle = len(part) // 2
                 parts += [part[middle:], part[:middle]]
 
-    async def _send(self, part: Sequence[QueuedEvent]) -> tuple[Verdict, str]:
+    async def _send(self, part: Sequence[QueuedEvent], request: EncodedRequest) -> tuple[Verdict, str]:
         """Send until the API gives a final answer for this batch: delivered or rejected."""
         assert self._client is not None, "start() the delivery core first"
         loop = asyncio.get_running_loop()
-        request = self.sink.encode(part)
         attempt = 0
         while True:
             if self._paused_until_s > loop.time():
                 await asyncio.sleep(self._paused_until_s - loop.time())
             await self._rate_limiter.acquire()
-            headers = dict(request.headers)
+            headers = httpx.Headers(self.headers)
+            headers.update(request.headers)  # case-insensitive: the sink's Content-Type wins
             credentials_version = None
             if self.credentials is not None:
                 credentials_version = self.credentials.version()

@@ -61,7 +61,14 @@ class SpoolOutput:
         registry: CollectorRegistry | None = None,
     ) -> SpoolOutput:
         queue = await DurableQueue.open(spool_dir / SPOOL_FILE, QueueLimits(max_bytes=max_bytes))
-        sink = CloudEventsSink(gateway_url.rstrip("/") + GATEWAY_INGEST_PATH, mode="batch")
+        sink = CloudEventsSink(
+            gateway_url.rstrip("/") + GATEWAY_INGEST_PATH,
+            mode="batch",
+            unauthorized_fix=(
+                "the gateway refused this agent's ingest token: check the Secret named by "
+                "gateway.ingestTokenSecretRef; forwarding resumes when the agent's copy of it changes"
+            ),
+        )
         credentials = SecretFile(token_file) if token_file else None
         forwarder = DeliveryCore(queue, sink, policy=policy, credentials=credentials, registry=registry)
         return cls(queue, forwarder)

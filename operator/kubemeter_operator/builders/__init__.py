@@ -36,6 +36,9 @@ def build_children(
     agent_config = render_agent_config(collector, spec, meters, settings.cluster_name)
     gateway_config = render_gateway_config(collector, spec, settings.cluster_name)
     gateway_config_hash = content_hash(gateway_config.to_wire())
+    # The agents' forwarder sends the gateway's ingest token, so its Secret is mounted into agents too.
+    token = spec.gateway.ingest_token_secret_ref
+    agent_secrets = [*agent_secret_names, token.name] if token else list(agent_secret_names)
     return [
         get_agent_service_account(collector),
         get_gateway_service_account(collector),
@@ -45,5 +48,5 @@ def build_children(
         get_gateway_headless_service(collector),
         get_gateway_pod_disruption_budget(collector),
         get_gateway_statefulset(collector, spec, settings, gateway_config_hash),
-        get_agent_daemonset(collector, spec, settings, agent_secret_names),
+        get_agent_daemonset(collector, spec, settings, agent_secret_names=agent_secrets),
     ]

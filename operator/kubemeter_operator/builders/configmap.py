@@ -37,6 +37,12 @@ def secret_dir(secret_name: str) -> str:
     return f"{SECRETS_DIR}/{secret_name}"
 
 
+def ingest_token_file(spec: CollectorSpec) -> str | None:
+    """Where agents and gateways read the ingest token; the same path in both pods."""
+    reference = spec.gateway.ingest_token_secret_ref
+    return f"{secret_dir(reference.name)}/{reference.key}" if reference else None
+
+
 def render_agent_config(
     collector: CollectorRef, spec: CollectorSpec, meters: Sequence[ResolvedMeter], cluster_name: str
 ) -> AgentConfig:
@@ -49,6 +55,7 @@ def render_agent_config(
         interval_seconds=spec.agent.interval_seconds,
         spool_dir=AGENT_SPOOL_DIR,
         checkpoint_dir=AGENT_CHECKPOINT_DIR,
+        ingest_token_file=ingest_token_file(spec),
     )
 
 
@@ -63,6 +70,7 @@ def render_gateway_config(collector: CollectorRef, spec: CollectorSpec, cluster_
         buffer=spec.buffer,
         buffer_max_bytes=max(1, int(quantity_to_bytes(spec.buffer.size) * BUFFER_USABLE_FRACTION)),
         data_dir=GATEWAY_DATA_DIR,
+        ingest_token_file=ingest_token_file(spec),
     )
 
 

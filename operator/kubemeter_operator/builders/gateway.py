@@ -44,16 +44,21 @@ def get_gateway_statefulset(
         {"name": DATA_VOLUME, "mountPath": GATEWAY_DATA_DIR},
     ]
     volumes: list[dict[str, Any]] = [{"name": "config", "configMap": {"name": collector.config_name}}]
-    secret = spec.output.credentials_secret_ref
-    if secret is not None:
-        # A Secret volume (not an env var) follows credential rotation without a restart.
+    # Secret volumes (not env vars) follow rotation without a restart; only the named key is mounted.
+    named = (
+        ("credentials", spec.output.credentials_secret_ref),
+        ("ingest-token", spec.gateway.ingest_token_secret_ref),
+    )
+    for volume_name, secret in named:
+        if secret is None:
+            continue
         volumes.append(
             {
-                "name": "credentials",
+                "name": volume_name,
                 "secret": {"secretName": secret.name, "items": [{"key": secret.key, "path": secret.key}]},
             }
         )
-        mounts.append({"name": "credentials", "mountPath": secret_dir(secret.name), "readOnly": True})
+        mounts.append({"name": volume_name, "mountPath": secret_dir(secret.name), "readOnly": True})
     claim: dict[str, Any] = {
         "metadata": {"name": DATA_VOLUME, "labels": labels(collector, "gateway")},
         "spec": {

@@ -160,6 +160,32 @@ def assert_exactly_once(stats: dict[str, Any], events: list[dict[str, Any]], exp
     assert stats["specViolations"] == 0
 
 
+class SecretVolume:
+    """A Secret as the kubelet mounts it: ``<key> -> ..data/<key>``, ``..data -> ..<timestamp>``;
+    an update writes a new timestamped directory and swaps ``..data`` in one rename."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._generation = 0
+
+    def path(self, key: str) -> Path:
+        return self.directory / key
+
+    def write(self, **keys: str) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._generation += 1
+        payload = self.directory / f"..{self._generation:04d}_{time.time_ns()}"
+        payload.mkdir()
+        for key, value in keys.items():
+            (payload / key).write_text(value)
+        staged = self.directory / "..data_tmp"
+        staged.symlink_to(payload.name)
+        staged.rename(self.directory / "..data")
+        for key in keys:
+            if not self.path(key).is_symlink():
+                self.path(key).symlink_to(f"..data/{key}")
+
+
 class GatewayProcess:
     """``python -m kubemeter_cli gateway`` as a child process (so it can be SIGKILLed)."""
 
@@ -238,7 +264,10 @@ def gateway_config(
     buffer_max_bytes: int = 256 * 2**20,
     data_dir: Path | None = None,
     batch_max_events: int = 500,
+    ingest_token_file: Path | None = None,
+    output_options: dict[str, Any] | None = None,
 ) -> GatewayConfig:
+    """``output_options`` are merged into ``output`` (e.g. ``lago``, ``cloudevents``, ``headers``)."""
     output: dict[str, Any] = {
         "type": output_type,
         "url": billing_url,
@@ -246,6 +275,7 @@ def gateway_config(
         "retry": {"initialBackoffSeconds": 0.05, "maxBackoffSeconds": 0.5},
         "rateLimit": {"requestsPerSecond": 1000},
         "timeoutSeconds": 10,
+        **(output_options or {}),
     }
     if credentials_file is not None:
         output["credentialsSecretRef"] = {"name": "billing", "key": "token"}
@@ -256,6 +286,7 @@ def gateway_config(
             "namespace": "kubemeter",
             "output": output,
             "credentialsFile": str(credentials_file) if credentials_file else None,
+            "ingestTokenFile": str(ingest_token_file) if ingest_token_file else None,
             "bufferMaxBytes": buffer_max_bytes,
             "dataDir": str(data_dir or work_dir / "data"),
             "listenAddress": f"127.0.0.1:{free_port()}",

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from aiohttp import web
 from kubemeter.config import AgentConfig
 from kubemeter.output import OutputFullError, agent_output
+from kubemeter.output.dead_letters import list_dead_letters
 from kubemeter.output.queue import DurableQueue, QueueRecord
 from kubemeter.output.spool import SPOOL_FILE, SpoolOutput
 
@@ -24,11 +26,14 @@ from tests.integration.output.harness import (
     REPO_ROOT,
     GatewayProcess,
     LocalBillingApi,
+    SecretVolume,
     assert_exactly_once,
     eventually,
+    free_port,
     gateway_config,
     usage_events,
 )
+from tests.support.billing_specs import spec_validators
 
 BATCH = "application/cloudevents-batch+json"
 
@@ -370,3 +375,187 @@ async def test_agent_output_from_the_agent_config_spools_and_forwards(
         assert_exactly_once(await billing_api.stats(), await billing_api.events(), {e.id for e in events})
     finally:
         gateway.terminate()
+
+
+async def test_ingest_token_rotation_reaches_gateway_and_agents_without_a_restart(
+    billing_api: LocalBillingApi, tmp_path: Path
+) -> None:
+    # One Secret, mounted into the gateway pod and an agent pod; each kubelet updates its copy when
+    # it gets to it, so the two see a rotation at different moments.
+    gateway_secret = SecretVolume(tmp_path / "gateway-secret")
+    agent_secret = SecretVolume(tmp_path / "agent-secret")
+    gateway_secret.write(token="t1\n")
+    agent_secret.write(token="t1\n")
+    gateway = GatewayProcess(
+        tmp_path, gateway_config(tmp_path, billing_api.url, ingest_token_file=gateway_secret.path("token"))
+    )
+    config = AgentConfig(
+        cluster="test-cluster",
+        collector="default",
+        namespace="kubemeter",
+        gateway_url=gateway.url,
+        spool_dir=str(tmp_path / "spool"),
+        checkpoint_dir=str(tmp_path / "checkpoints"),
+        ingest_token_file=str(agent_secret.path("token")),
+    )
+    output = agent_output(config)
+    gateway.start()
+    sent: set[str] = set()
+
+    async def send(prefix: str) -> None:
+        events = usage_events(100, prefix=prefix)
+        await output.write(events)
+        sent.update(event.id for event in events)
+
+    async def delivered() -> bool:
+        return len({e["eventId"] for e in await billing_api.events()}) == len(sent)
+
+    try:
+        await gateway.wait_ready()
+        spool = await output.start()
+        pid = gateway.process.pid if gateway.process else None
+        await send("t1")
+        await eventually(delivered, what="events sent with the first token")
+
+        # Rotation with an overlap: the gateway accepts both, agents move over when their copy changes.
+        gateway_secret.write(token="t2\nt1\n")
+        await send("overlap-gateway-first")
+        await eventually(delivered, what="the old token still accepted during the overlap")
+        agent_secret.write(token="t2\nt1\n")
+        await send("overlap-agent-too")
+        gateway_secret.write(token="t2\n")  # the old token retired
+        await send("retired")
+        await eventually(delivered, what="events sent with the new token")
+
+        # A rotation without overlap: the agent is refused until its copy changes, and loses nothing.
+        gateway_secret.write(token="t3\n")
+        await send("refused-then-resent")
+        await eventually(
+            lambda: spool.forwarder.status.paused_reason is not None, what="the agent's forwarder to pause"
+        )
+        paused_reason = spool.forwarder.status.paused_reason
+        assert spool.stats().events == 100  # held in the spool meanwhile
+        agent_secret.write(token="t3\n")
+        await eventually(delivered, what="the held events once the agent's copy changed")
+
+        async with httpx.AsyncClient() as client:
+            metrics = (await client.get(f"{gateway.url}/metrics")).text
+        refused = [line for line in metrics.splitlines() if 'reason="unauthorized"' in line]
+        print(f"agent paused with: {paused_reason}; gateway: {refused}")
+        assert refused and float(refused[0].split()[-1]) >= 1
+        assert gateway.starts == 1 and gateway.process is not None and gateway.process.pid == pid
+        assert gateway.process.poll() is None  # never restarted
+        await output.close(drain_timeout_s=5)
+        assert_exactly_once(await billing_api.stats(), await billing_api.events(), sent)
+    finally:
+        await output.close()
+        assert gateway.terminate() == 0, gateway.log_tail()
+
+
+async def test_lago_subscriptions_from_the_gateway_config_and_an_unbillable_event_dead_lettered(
+    billing_api: LocalBillingApi, tmp_path: Path
+) -> None:
+    credentials = tmp_path / "lago-key"
+    credentials.write_text("lago-key\n")
+    options = {
+        "lago": {
+            "subscriptionIdBySubject": {"team-0": "sub_team_zero"},
+            "subscriptionIdDimension": "subscription",
+        }
+    }
+    config = gateway_config(
+        tmp_path,
+        f"{billing_api.url}/api/v1",
+        output_type="lago",
+        credentials_file=credentials,
+        output_options=options,
+    )
+    gateway = GatewayProcess(tmp_path, config)
+    events = cloudevents(200, "lago")
+    for n, event in enumerate(events):
+        if n != 77:  # team-1, and no subscription dimension: nothing says which subscription to bill
+            event["data"]["subscription"] = f"sub_{event['subject']}_gpu"  # type: ignore[index]
+    gateway.start()
+    try:
+        await gateway.wait_ready()
+        async with httpx.AsyncClient(timeout=10) as client:
+            reply = await client.post(
+                f"{gateway.url}/api/v1/events", content=json.dumps(events), headers={"Content-Type": BATCH}
+            )
+            assert reply.status_code == 204
+        status = await eventually(
+            lambda: _settled(gateway, delivered=199, dead_lettered=1), what="199 delivered, 1 dead-lettered"
+        )
+        print(f"gateway status: {status}")
+    finally:
+        assert gateway.terminate() == 0, gateway.log_tail()
+    stored = {e["eventId"]: e["subject"] for e in await billing_api.events()}
+    expected = {
+        str(e["id"]): "sub_team_zero" if e["subject"] == "team-0" else f"sub_{e['subject']}_gpu"
+        for n, e in enumerate(events)
+        if n != 77
+    }
+    assert stored == expected  # the local Lago keeps external_subscription_id as the subject
+    assert (await billing_api.stats())["specViolations"] == 0
+    with sqlite3.connect(Path(config.data_dir) / "queue.db") as connection:
+        (dead,) = list_dead_letters(connection, 10)
+    print(f"dead letter: {dead['id']}: {dead['reason']}")
+    assert dead["id"] == "lago-000077"
+    assert "data key 'subscription'" in str(dead["reason"]) and "team-1" in str(dead["reason"])
+
+
+async def _settled(
+    gateway: GatewayProcess, *, delivered: int, dead_lettered: int
+) -> dict[str, object] | None:
+    status = await gateway.status()
+    settled = (status.get("deliveredEvents"), status.get("deadLetteredEvents"), status.get("bufferedEvents"))
+    return status if settled == (delivered, dead_lettered, 0) else None
+
+
+@pytest.mark.parametrize("mode", ["structured", "batch"])
+async def test_cloudevents_output_sends_the_configured_mode_and_headers(mode: str, tmp_path: Path) -> None:
+    # Any CloudEvents endpoint: here a bare HTTP server that records what it gets.
+    received: list[tuple[dict[str, str], bytes]] = []
+
+    async def accept(request: web.Request) -> web.Response:
+        received.append((dict(request.headers), await request.read()))
+        return web.Response(status=202)
+
+    app = web.Application()
+    app.router.add_post("/ingest", accept)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    options = {"cloudevents": {"mode": mode}, "headers": {"X-Tenant": "vision", "Content-Type": "text/plain"}}
+    config = gateway_config(
+        tmp_path, f"http://127.0.0.1:{port}/ingest", output_type="cloudevents", output_options=options
+    )
+    gateway = GatewayProcess(tmp_path, config)
+    events = cloudevents(30, mode)
+    gateway.start()
+    try:
+        await gateway.wait_ready()
+        async with httpx.AsyncClient(timeout=10) as client:
+            reply = await client.post(
+                f"{gateway.url}/api/v1/events", content=json.dumps(events), headers={"Content-Type": BATCH}
+            )
+            assert reply.status_code == 204
+        await eventually(lambda: _settled(gateway, delivered=30, dead_lettered=0), what="30 delivered")
+    finally:
+        assert gateway.terminate() == 0, gateway.log_tail()
+        await runner.cleanup()
+    delivered = []
+    for headers, body in received:
+        assert headers["X-Tenant"] == "vision"
+        document = json.loads(body)
+        if mode == "structured":
+            assert headers["Content-Type"].startswith("application/cloudevents+json")
+            delivered.append(document)
+        else:
+            assert headers["Content-Type"].startswith("application/cloudevents-batch+json")
+            delivered += document
+    assert len(received) == (30 if mode == "structured" else 1)
+    assert sorted(e["id"] for e in delivered) == sorted(str(e["id"]) for e in events)
+    for event in delivered:
+        assert spec_validators().cloudevent.problems(event) == []

@@ -9,11 +9,14 @@ from typing import Any
 
 import httpx
 import pytest
+from kubemeter.config import OutputSpec
 from kubemeter.events import UsageEvent
-from kubemeter.output.delivery import DeliveryOutcome, retry_after_seconds, standard_verdict
+from kubemeter.gateway.main import sink_for
+from kubemeter.output.delivery import DeliveryOutcome, UnencodableEvent, retry_after_seconds, standard_verdict
 from kubemeter.output.ingest import IngestError, parse_cloudevents, to_record
 from kubemeter.output.queue import QueuedEvent
 from kubemeter.output.sinks import CloudEventsSink, FlexpriceSink, LagoSink, OpenMeterSink
+from kubemeter.output.sinks.lago import SubscriptionMapping
 from kubemeter.output.spool import usage_record
 
 from tests.support.billing_specs import spec_validators
@@ -86,7 +89,10 @@ def test_flexprice_refuses_a_batch_size_it_cannot_take() -> None:
 
 
 def test_lago_batch_matches_the_lago_spec_with_unix_seconds_and_subscriptions() -> None:
-    sink = LagoSink("https://api.getlago.com/api/v1", subscription_ids={"team-1": "sub-vision-gpu"})
+    sink = LagoSink(
+        "https://api.getlago.com/api/v1",
+        subscriptions=SubscriptionMapping(by_subject={"team-1": "sub-vision-gpu"}),
+    )
     document = body(sink, usage_events(50))
     assert spec_validators().lago_batch.problems(document) == []
     first, second, third = document["events"][:3]
@@ -97,6 +103,102 @@ def test_lago_batch_matches_the_lago_spec_with_unix_seconds_and_subscriptions() 
     assert second["external_subscription_id"] == "sub-vision-gpu"
     assert first["code"] == "io.kubemeter.gpu.seconds"
     assert first["properties"]["complete"] == "false"
+
+
+@pytest.mark.parametrize(
+    ("mapping", "expected"),
+    [
+        (SubscriptionMapping(), ["team-0", "team-1", "team-2"]),
+        (SubscriptionMapping(dimension="gpu_model"), ["H200", "H200", "H200"]),
+        (
+            SubscriptionMapping(expression="event.subject + '-' + event.data.gpu_model"),
+            ["team-0-H200", "team-1-H200", "team-2-H200"],
+        ),
+        (
+            SubscriptionMapping(by_subject={"team-2": "sub_42"}, expression="'gpu-' + event.data.namespace"),
+            ["gpu-vision", "gpu-vision", "sub_42"],
+        ),
+    ],
+)
+def test_lago_subscription_comes_from_the_subject_map_a_dimension_or_an_expression(
+    mapping: SubscriptionMapping, expected: list[str]
+) -> None:
+    document = body(LagoSink("https://lago/api/v1", subscriptions=mapping), usage_events(3))
+    assert [e["external_subscription_id"] for e in document["events"]] == expected
+    assert spec_validators().lago_batch.problems(document) == []
+
+
+@pytest.mark.parametrize(
+    ("mapping", "reason"),
+    [
+        (SubscriptionMapping(dimension="subscription"), "data key 'subscription'"),
+        (SubscriptionMapping(expression="event.data.subscription"), "event.data.subscription"),
+        (SubscriptionMapping(expression="event.data.complete"), "gave False, not a non-empty string"),
+    ],
+)
+def test_an_event_lago_cannot_bill_is_refused_at_encoding_with_the_reason(
+    mapping: SubscriptionMapping, reason: str
+) -> None:
+    with pytest.raises(UnencodableEvent, match=reason) as refused:
+        LagoSink("https://lago/api/v1", subscriptions=mapping).encode(usage_events(3))
+    assert refused.value.index == 0
+
+
+def test_lago_mapping_takes_a_dimension_or_an_expression_not_both() -> None:
+    with pytest.raises(ValueError, match="not both"):
+        SubscriptionMapping(dimension="a", expression="event.subject")
+    with pytest.raises(ValueError, match="not both"):
+        OutputSpec.model_validate(
+            {
+                "type": "lago",
+                "url": "https://lago",
+                "credentialsSecretRef": {"name": "lago", "key": "key"},
+                "lago": {"subscriptionIdDimension": "a", "subscriptionIdExpression": "event.subject"},
+            }
+        )
+
+
+def test_type_options_apply_to_their_type_only() -> None:
+    with pytest.raises(ValueError, match=r"output\.lago applies to type lago only"):
+        OutputSpec.model_validate({"type": "openmeter", "url": "https://om", "lago": {}})
+    with pytest.raises(ValueError, match=r"output\.cloudevents applies to type cloudevents only"):
+        OutputSpec.model_validate(
+            {"type": "openmeter", "url": "https://om", "cloudevents": {"mode": "batch"}}
+        )
+
+
+def test_the_gateway_builds_each_sink_from_the_output_spec() -> None:
+    structured = sink_for(
+        OutputSpec.model_validate(
+            {"type": "cloudevents", "url": "https://ce/in", "cloudevents": {"mode": "structured"}}
+        )
+    )
+    assert isinstance(structured, CloudEventsSink)
+    assert (structured.mode, structured.max_batch_events, structured.url) == (
+        "structured",
+        1,
+        "https://ce/in",
+    )
+    batch = sink_for(OutputSpec.model_validate({"type": "cloudevents", "url": "https://ce/in"}))
+    assert isinstance(batch, CloudEventsSink) and batch.mode == "batch"
+    lago = sink_for(
+        OutputSpec.model_validate(
+            {
+                "type": "lago",
+                "url": "https://lago/api/v1",
+                "credentialsSecretRef": {"name": "lago", "key": "key"},
+                "lago": {
+                    "subscriptionIdBySubject": {"team-0": "sub_0"},
+                    "subscriptionIdExpression": "event.subject + '-gpu'",
+                },
+            }
+        )
+    )
+    assert isinstance(lago, LagoSink)
+    assert [e["external_subscription_id"] for e in body(lago, usage_events(2))["events"]] == [
+        "sub_0",
+        "team-1-gpu",
+    ]
 
 
 def test_cloudevents_structured_and_batch_match_the_cloudevents_schema() -> None:

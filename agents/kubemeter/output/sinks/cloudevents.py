@@ -10,7 +10,7 @@ from typing import Literal
 
 import httpx
 
-from kubemeter.output.delivery import EncodedRequest, Verdict, standard_verdict
+from kubemeter.output.delivery import BILLING_CREDENTIALS_FIX, EncodedRequest, Verdict, standard_verdict
 from kubemeter.output.queue import QueuedEvent
 from kubemeter.output.sinks._common import json_array
 
@@ -28,12 +28,15 @@ class CloudEventsSink:
         mode: Literal["structured", "batch"] = "batch",
         headers: Mapping[str, str] | None = None,
         max_batch_events: int = 1000,
+        unauthorized_fix: str = BILLING_CREDENTIALS_FIX,
     ) -> None:
-        """``url`` is the full endpoint; ``headers`` are sent with every request (e.g. a tenant id)."""
+        """``url`` is the full endpoint; ``headers`` are sent with every request (e.g. a tenant id);
+        ``unauthorized_fix`` says what to do about a 401/403."""
         self.url = url
         self.mode = mode
         self.headers = dict(headers or {})
         self.max_batch_events = 1 if mode == "structured" else max_batch_events
+        self.unauthorized_fix = unauthorized_fix
 
     def encode(self, events: Sequence[QueuedEvent]) -> EncodedRequest:
         if self.mode == "structured":
@@ -49,4 +52,4 @@ class CloudEventsSink:
         return {"Authorization": f"Bearer {secret}"}
 
     def classify(self, response: httpx.Response, batch: Sequence[QueuedEvent]) -> Verdict:
-        return standard_verdict(response)
+        return standard_verdict(response, unauthorized_fix=self.unauthorized_fix)
