@@ -245,6 +245,17 @@ def _collector_secret_problems(
     return problems
 
 
+def _collector_expression_problems(collector: ObjectView, spec: CollectorSpec) -> list[Problem]:
+    lago = spec.output.lago
+    if lago is None or lago.subscription_id_expression is None:
+        return []
+    failure = expression_error(lago.subscription_id_expression, PROCESSOR_VARIABLES)
+    if not failure:
+        return []
+    where = "spec.output.lago.subscriptionIdExpression"
+    return [Problem("InvalidExpression", f'Collector "{collector.name}": {where} {failure}')]
+
+
 def resolve_namespace(
     collectors: Sequence[ObjectView],
     pipelines: Sequence[ObjectView],
@@ -275,7 +286,7 @@ def resolve_namespace(
         result.collector_specs[collector.name] = collector_spec
         result.collector_problems[collector.name] = _collector_secret_problems(
             collector, collector_spec, secrets
-        )
+        ) + _collector_expression_problems(collector, collector_spec)
         result.collector_meters[collector.name] = []
         result.collector_secret_names[collector.name] = []
 

@@ -118,3 +118,22 @@ def test_rendered_configs_round_trip_through_yaml() -> None:
     rendered = children(spec(ingestTokenSecretRef={"name": "ingest", "key": "token"}))
     gateway_yaml = yaml.safe_load(rendered["ConfigMap"]["data"]["gateway.yaml"])
     assert gateway_yaml["ingestTokenFile"] == TOKEN_FILE
+
+
+def test_a_lago_subscription_expression_that_cannot_run_is_a_problem_on_the_collector() -> None:
+    def lago_collector(expression: str) -> ObjectView:
+        output = {
+            "type": "lago",
+            "url": "https://lago/api/v1",
+            "credentialsSecretRef": {"name": "lago", "key": "key"},
+            "lago": {"subscriptionIdExpression": expression},
+        }
+        return ObjectView("Collector", "ns", "c", "uid-c", 1, {}, {"output": output}, {})
+
+    secrets = {"lago": frozenset({"key"})}
+    good = resolve_namespace([lago_collector("event.subject + '-gpu'")], [], [], secrets)
+    assert good.collector_problems["c"] == []
+    (typo,) = resolve_namespace([lago_collector("evnt.subject")], [], [], secrets).collector_problems["c"]
+    assert typo.reason == "InvalidExpression"
+    assert typo.message.startswith('Collector "c": spec.output.lago.subscriptionIdExpression')
+    assert "evnt" in typo.message
