@@ -206,6 +206,45 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         "Run:ai returns at most 1000 samples per request",
     ),
     (
+        "collector-ingest-token-in-the-billing-secret",
+        resource(
+            "Collector",
+            {
+                "output": with_(OUTPUT, credentialsSecretRef={"name": "om", "key": "token"}),
+                "gateway": {"ingestTokenSecretRef": {"name": "om", "key": "ingest"}},
+            },
+        ),
+        "gateway.ingestTokenSecretRef must name a Secret of its own",
+    ),
+    (
+        "collector-lago-options-on-openmeter",
+        resource("Collector", {"output": with_(OUTPUT, lago={"subscriptionIdDimension": "sub"})}),
+        "output.lago applies to type lago only",
+    ),
+    (
+        "collector-lago-dimension-and-expression",
+        resource(
+            "Collector",
+            {
+                "output": {
+                    "type": "lago",
+                    "url": "https://lago/api/v1",
+                    "credentialsSecretRef": {"name": "lago", "key": "key"},
+                    "lago": {"subscriptionIdDimension": "sub", "subscriptionIdExpression": "event.subject"},
+                }
+            },
+        ),
+        "set subscriptionIdDimension or subscriptionIdExpression, not both",
+    ),
+    (
+        "collector-cloudevents-bad-mode",
+        resource(
+            "Collector",
+            {"output": {"type": "cloudevents", "url": "https://ce/in", "cloudevents": {"mode": "binary"}}},
+        ),
+        'Unsupported value: "binary": supported values: "batch", "structured"',
+    ),
+    (
         "pipeline-neither-meters-nor-selector",
         resource("Pipeline", {"collectorRef": "c"}),
         "set exactly one of meters (a list of Meter names) or meterSelector",
