@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS pods (     -- last known state of every pod still to 
     object TEXT NOT NULL,
     resource_version TEXT NOT NULL,
     deleted_at_ms INTEGER,
-    vanished INTEGER NOT NULL DEFAULT 0
+    vanished INTEGER NOT NULL DEFAULT 0,
+    deletion_requested_ms INTEGER    -- the earliest deletion request seen (re-stamped by later deletes)
 );
 CREATE TABLE IF NOT EXISTS agent (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
@@ -50,6 +51,9 @@ class CheckpointStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(_SCHEMA)
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(pods)")}
+        if "deletion_requested_ms" not in columns:  # a checkpoint written by an older agent
+            self.db.execute("ALTER TABLE pods ADD COLUMN deletion_requested_ms INTEGER")
 
     def close(self) -> None:
         self.db.close()
@@ -90,25 +94,34 @@ class CheckpointStore:
         """Persist pods whose object changed since the last save (``saved_versions`` is updated)."""
         rows = []
         for uid, cached in pods.items():
-            version = f"{cached.object.get('metadata', {}).get('resourceVersion')}/{cached.deleted_at_ms}"
+            resource_version = cached.object.get("metadata", {}).get("resourceVersion")
+            version = f"{resource_version}/{cached.deleted_at_ms}/{cached.deletion_requested_ms}"
             if saved_versions.get(uid) != version:
                 rows.append(
-                    (uid, json.dumps(cached.object), version, cached.deleted_at_ms, int(cached.vanished))
+                    (
+                        uid,
+                        json.dumps(cached.object),
+                        version,
+                        cached.deleted_at_ms,
+                        int(cached.vanished),
+                        cached.deletion_requested_ms,
+                    )
                 )
                 saved_versions[uid] = version
         if rows:
             with self.db:
                 self.db.executemany(
-                    "INSERT OR REPLACE INTO pods (uid, object, resource_version, deleted_at_ms, vanished) "
-                    "VALUES (?, ?, ?, ?, ?)",
+                    "INSERT OR REPLACE INTO pods "
+                    "(uid, object, resource_version, deleted_at_ms, vanished, deletion_requested_ms) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
                     rows,
                 )
 
     def load_pods(self) -> dict[str, CachedObject]:
         return {
-            uid: CachedObject(json.loads(obj), deleted_at_ms, bool(vanished))
-            for uid, obj, deleted_at_ms, vanished in self.db.execute(
-                "SELECT uid, object, deleted_at_ms, vanished FROM pods"
+            uid: CachedObject(json.loads(obj), deleted_at_ms, bool(vanished), requested_ms)
+            for uid, obj, deleted_at_ms, vanished, requested_ms in self.db.execute(
+                "SELECT uid, object, deleted_at_ms, vanished, deletion_requested_ms FROM pods"
             )
         }
 

@@ -47,6 +47,19 @@ class Telemetry:
             ["meter"],
             registry=self.registry,
         )
+        self.pod_list_barriers = Counter(
+            "kubemeter_agent_pod_list_barriers",
+            "Consistent pod LISTs that proved the pod cache current before windows closed.",
+            registry=self.registry,
+        )
+        self.pods_missed_by_barrier = Counter(
+            "kubemeter_agent_pods_missed_by_barrier",
+            "Pod events that arrived after a barrier that should have seen them (pod lived and ended "
+            "entirely while the watch lagged).",
+            registry=self.registry,
+        )
+        self._barriers_seen = 0
+        self._missed_seen = 0
         self.config_reloads = Counter(
             "kubemeter_agent_config_reloads",
             "Configuration files applied.",
@@ -62,6 +75,13 @@ class Telemetry:
 
     def source_error(self, source: str, error: BaseException) -> None:
         self.source_errors.labels(source).inc()
+
+    def pod_barrier(self, barriers: int, missed: int) -> None:
+        """Bring the counters up to the pod informer's own counts (it is shared by every meter)."""
+        self.pod_list_barriers.inc(max(0, barriers - self._barriers_seen))
+        self.pods_missed_by_barrier.inc(max(0, missed - self._missed_seen))
+        self._barriers_seen = max(barriers, self._barriers_seen)
+        self._missed_seen = max(missed, self._missed_seen)
 
     def lag(self, meter: str, seconds: float) -> None:
         self.lag_seconds.labels(meter).set(seconds)

@@ -62,9 +62,27 @@ def bound_at_ms(pod: Pod) -> int:
     return parse_time_ms(pod["metadata"]["creationTimestamp"])
 
 
-def released_at_ms(pod: Pod) -> int | None:
-    """When the pod gave its resources back, or None while it still holds them."""
+def deletion_requested_ms(pod: Pod) -> int | None:
+    """When deletion was asked for, as this version of the pod object records it.
+
+    ``deletionTimestamp`` is the deadline (request + grace). A later delete with a shorter grace (the
+    kubelet's final grace-0 delete) re-stamps it to that call's time, so callers keep the earliest
+    value they have seen (:class:`kubemeter.sources.informer.CachedObject` does).
+    """
     metadata = pod.get("metadata") or {}
+    deletion = metadata.get("deletionTimestamp")
+    if not deletion:
+        return None
+    grace_s = int(metadata.get("deletionGracePeriodSeconds") or 0)
+    return parse_time_ms(deletion) - grace_s * 1000
+
+
+def released_at_ms(pod: Pod, requested_ms: int | None = None) -> int | None:
+    """When the pod gave its resources back, or None while it still holds them.
+
+    ``requested_ms`` is the earliest deletion request known for the pod (see
+    :func:`deletion_requested_ms`); without it, this object's own is used.
+    """
     status = pod.get("status") or {}
     statuses = _all_container_statuses(pod)
     app_statuses = status.get("containerStatuses") or []
@@ -78,23 +96,24 @@ def released_at_ms(pod: Pod) -> int | None:
             if condition.get("lastTransitionTime")
         ]
         return max(transitions) if transitions else bound_at_ms(pod)
-    deletion = metadata.get("deletionTimestamp")
-    if deletion:
+    own_request_ms = deletion_requested_ms(pod)
+    if own_request_ms is not None:
+        request_ms = own_request_ms if requested_ms is None else min(requested_ms, own_request_ms)
         all_app_terminated = bool(app_statuses) and all(
             ((s.get("state") or {}).get("terminated") or {}).get("finishedAt") for s in app_statuses
         )
         if all_app_terminated and finished:
-            return max(finished)
-        # deletionTimestamp is the deadline (request + grace); the request itself is what the
-        # owner did, and it is the only moment the pod object records for certain.
-        grace_s = int(metadata.get("deletionGracePeriodSeconds") or 0)
-        return parse_time_ms(deletion) - grace_s * 1000
+            # Exited before the request: bill to the exit. Exited during the grace period: the owner
+            # gave the resources back at the request, and a window that closed while the pod was
+            # still terminating has already billed up to it (so every window stays final).
+            return min(max(finished), request_ms)
+        return request_ms
     return None
 
 
-def billable_interval(pod: Pod) -> Interval:
+def billable_interval(pod: Pod, requested_ms: int | None = None) -> Interval:
     start_ms = bound_at_ms(pod)
-    end_ms = released_at_ms(pod)
+    end_ms = released_at_ms(pod, requested_ms)
     if end_ms is not None:
         end_ms = max(end_ms, start_ms)
     return Interval(start_ms, end_ms)

@@ -18,10 +18,13 @@ from kubemeter.metering.windows import Window
 from kubemeter.sources.base import PodRecord, Reading
 from kubemeter.sources.informer import Informer, now_ms
 
+# Pod state older than this at a window's close is a fault worth reporting (settle + barrier time).
+BEHIND_AFTER_MS = 30_000
+
 
 def held_interval(record: PodRecord) -> tuple[Interval, str | None]:
     """The billable interval, and why it is uncertain when the pod vanished unobserved."""
-    interval = billable_interval(record.object)
+    interval = billable_interval(record.object, record.deletion_requested_ms)
     if record.deleted_at_ms is None or interval.end_ms is not None:
         return interval, None
     if record.vanished:
@@ -45,10 +48,15 @@ class AllocationSource:
         await asyncio.Event().wait()
 
     def observed_through_ms(self) -> int:
-        return now_ms() if self.pods.healthy else self.pods.healthy_through_ms
+        # Not "now" while the watch is up: a healthy watch can lag; only a barrier proves it caught up.
+        return self.pods.consistent_through_ms
 
     def fault(self) -> str | None:
-        return None if self.pods.healthy else f"pod watch down: {self.pods.last_error}"
+        if not self.pods.healthy:
+            return f"pod watch down: {self.pods.last_error}"
+        if now_ms() - self.pods.consistent_through_ms > BEHIND_AFTER_MS:
+            return "pod list barrier not reached: the API server is slow or the watch is stuck"
+        return None
 
     def readings(self, window: Window, pods: Mapping[str, PodRecord]) -> list[Reading]:
         observed_ms = self.observed_through_ms()
@@ -65,7 +73,9 @@ class AllocationSource:
             if uncertain is not None and interval.end_ms is not None and interval.end_ms < window.end_ms:
                 reason = uncertain
             elif window.end_ms > observed_ms and not interval.ends_by(observed_ms):
-                reason = f"pod watch down since {observed_ms} ms ({self.fault()}); pod state as last seen"
+                reason = (
+                    f"pod state known only through {observed_ms} ms ({self.fault()}); pod state as last seen"
+                )
             value = Decimal(quantity_milli * held_ms).scaleb(-6)
             readings.append(Reading(uid, value, complete=reason is None, incomplete_reason=reason))
         return readings

@@ -203,6 +203,19 @@ class AgentProcess:
             if deleted_at is None and "deletionTimestamp" not in json.loads(obj)["metadata"]
         }
 
+    def cursors_ms(self) -> dict[str, int]:
+        """Each meter's checkpointed cursor: every window before it is written."""
+        path = self.workdir / "checkpoints" / "checkpoints.sqlite"
+        if not path.exists():
+            return {}
+        db = sqlite3.connect(path)
+        try:
+            return {meter: int(cursor) for meter, cursor in db.execute("SELECT meter, cursor_ms FROM meters")}
+        except sqlite3.OperationalError:
+            return {}
+        finally:
+            db.close()
+
     def events(self) -> list[dict[str, Any]]:
         return read_events(self.events_db)
 

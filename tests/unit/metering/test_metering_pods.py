@@ -5,7 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from kubemeter.metering.intervals import Interval
-from kubemeter.metering.pods import billable_interval, effective_quantity_milli, parse_time_ms
+from kubemeter.metering.pods import (
+    billable_interval,
+    deletion_requested_ms,
+    effective_quantity_milli,
+    parse_time_ms,
+)
 
 CREATED = "2024-05-01T10:00:00Z"
 T_CREATED = parse_time_ms(CREATED)
@@ -59,12 +64,31 @@ def test_a_deleted_pod_is_billed_until_the_deletion_request_not_the_grace_deadli
     assert billable_interval(deleting) == Interval(T_CREATED, T_CREATED + 30_000)
 
 
-def test_a_deleted_pod_whose_containers_exited_is_billed_until_they_exited() -> None:
+def test_a_deleted_pod_whose_containers_exited_before_the_request_is_billed_until_they_exited() -> None:
+    deleting = pod(
+        metadata={"deletionTimestamp": "2024-05-01T10:01:00Z", "deletionGracePeriodSeconds": 30},
+        status={"phase": "Running", "containerStatuses": [terminated("2024-05-01T10:00:21Z")]},
+    )
+    assert billable_interval(deleting).end_ms == T_CREATED + 21_000
+
+
+def test_the_grace_period_is_not_billed_even_when_the_containers_ran_through_part_of_it() -> None:
+    # Windows that closed while the pod was terminating billed up to the request; so does the total.
     deleting = pod(
         metadata={"deletionTimestamp": "2024-05-01T10:01:00Z", "deletionGracePeriodSeconds": 30},
         status={"phase": "Running", "containerStatuses": [terminated("2024-05-01T10:00:41Z")]},
     )
-    assert billable_interval(deleting).end_ms == T_CREATED + 41_000
+    assert billable_interval(deleting).end_ms == T_CREATED + 30_000
+
+
+def test_the_first_deletion_request_wins_over_the_kubelets_final_grace_zero_delete() -> None:
+    # The API server re-stamps deletionTimestamp to the time of the kubelet's grace-0 delete.
+    first = pod(metadata={"deletionTimestamp": "2024-05-01T10:01:00Z", "deletionGracePeriodSeconds": 30})
+    final = pod(metadata={"deletionTimestamp": "2024-05-01T10:00:31Z", "deletionGracePeriodSeconds": 0})
+    requested_ms = deletion_requested_ms(first)
+    assert requested_ms == T_CREATED + 30_000
+    assert billable_interval(final).end_ms == T_CREATED + 31_000
+    assert billable_interval(final, requested_ms).end_ms == T_CREATED + 30_000
 
 
 def test_restarts_do_not_release_the_pods_resources() -> None:
