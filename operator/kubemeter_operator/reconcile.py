@@ -230,35 +230,43 @@ class Reconciler:
         return reports
 
     def _read_agent_reports(self, namespace: str, collector: str) -> list[AgentStatusReport]:
-        """Ask each ready agent pod for its source faults (``/healthz``), a few at a time; an agent
-        that does not answer is left out (its DaemonSet readiness already says it is down)."""
-        import httpx
-
+        """Ask each ready agent pod for its source faults; one that does not answer is left out (its
+        DaemonSet readiness already says it is down)."""
         selector = f"app.kubernetes.io/instance={collector},app.kubernetes.io/component=agent"
-        urls = [
-            f"http://{pod['status']['podIP']}:{AGENT_METRICS_PORT}{HEALTH_PATH}"
-            for pod in self.api.list("v1", "Pod", namespace, selector)
-            if (pod.get("status") or {}).get("podIP") and _pod_ready(pod)
-        ]
-
-        def read(url: str) -> AgentStatusReport | None:
-            try:
-                # 503 still carries the report (the agent's pod watch is down, say).
-                response = httpx.get(url, timeout=self.settings.gateway_status_timeout_seconds)
-                return AgentStatusReport.model_validate(response.json())
-            except Exception as error:
-                log.debug("agent %s/%s at %s did not report: %s", namespace, collector, url, error)
-                return None
-
-        if not urls:
-            return []
-        with ThreadPoolExecutor(max_workers=min(16, len(urls))) as pool:
-            return [report for report in pool.map(read, urls) if report is not None]
+        pods = self.api.list("v1", "Pod", namespace, selector)
+        return read_agent_reports(agent_report_urls(pods), self.settings.gateway_status_timeout_seconds)
 
 
-def _pod_ready(pod: Mapping[str, Any]) -> bool:
-    conditions = (pod.get("status") or {}).get("conditions") or []
-    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+def agent_report_urls(pods: Sequence[Mapping[str, Any]], port: int = AGENT_METRICS_PORT) -> list[str]:
+    """``/healthz`` of every ready agent pod with an IP."""
+    urls = []
+    for pod in pods:
+        status = pod.get("status") or {}
+        ready = any(
+            c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or []
+        )
+        if ready and status.get("podIP"):
+            urls.append(f"http://{status['podIP']}:{port}{HEALTH_PATH}")
+    return urls
+
+
+def read_agent_reports(urls: Sequence[str], timeout_s: float) -> list[AgentStatusReport]:
+    """The agents' reports, read a few at a time; an agent that does not answer is left out."""
+    import httpx
+
+    def read(url: str) -> AgentStatusReport | None:
+        try:
+            # A 503 still carries the report (the agent's pod watch is down, say).
+            response = httpx.get(url, timeout=timeout_s)
+            return AgentStatusReport.model_validate(response.json())
+        except Exception as error:
+            log.debug("agent at %s did not report: %s", url, error)
+            return None
+
+    if not urls:
+        return []
+    with ThreadPoolExecutor(max_workers=min(16, len(urls))) as pool:
+        return [report for report in pool.map(read, urls) if report is not None]
 
 
 def _apply_problem(collector: str, error: ApiException) -> Problem:
