@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from decimal import Decimal
 from pathlib import Path
@@ -290,3 +291,22 @@ async def test_state_survives_a_restart_exactly(proc_root: Path, monkeypatch: py
     for clock.now_ms in range(30_000, 60_001, INTERVAL_MS):
         await second.poll()
     assert by_pod(second.readings(WINDOW, {}))["train-a"][:2] == (Decimal(30), True)
+
+
+async def test_a_gpu_held_across_an_agent_restart_is_billed_for_the_downtime_too(
+    proc_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gpu = FakeGpu("GPU-a", energy_mj=0)
+    pods = FakePodResources(holds("train-a", "GPU-a"))
+    first, _, clock = source_for("energy", [gpu], pods, proc_root, monkeypatch)
+    for clock.now_ms in range(0, 30_001, INTERVAL_MS):
+        gpu.energy_mj = 300 * clock.now_ms  # 300 W
+        await first.poll()
+    saved = json.loads(json.dumps(first.snapshot()))
+    second, _, clock = source_for("energy", [gpu], pods, proc_root, monkeypatch)
+    second.restore(saved)
+    for clock.now_ms in range(40_000, 60_001, INTERVAL_MS):  # the agent was down from 30 s to 40 s
+        gpu.energy_mj = 300 * clock.now_ms
+        await second.poll()
+    # The counter covers the downtime, and the pod held the GPU throughout: 300 W x 60 s, exact.
+    assert by_pod(second.readings(WINDOW, {}))["train-a"] == (Decimal(18_000), True, None, "exclusive")

@@ -333,6 +333,7 @@ class NvmlSource(Progress):
                 for uuid, s in self.devices.items()
             },
             "models": self.models,
+            "ownership": self.ownership.to_json(),
             "attribution": [[uid, device, kind] for (uid, device), kind in self.attribution.items()],
             "usage": self.usage.to_json(list),
         }
@@ -346,6 +347,7 @@ class NvmlSource(Progress):
             for uuid, (time_ms, gauge, energy, memory) in state["devices"].items()
         }
         self.models = dict(state["models"])
+        self.ownership.restore(state["ownership"])
         self.attribution = {(uid, device): kind for uid, device, kind in state["attribution"]}
         self.usage.restore(state["usage"], lambda key: (str(key[0]), str(key[1])))
 

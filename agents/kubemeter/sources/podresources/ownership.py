@@ -8,7 +8,8 @@ resources (:meth:`DeviceOwnership.release`), which is exact.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import astuple, dataclass, replace
+from typing import Any
 
 from kubemeter.sources.podresources.client import DeviceAssignment
 from kubemeter.sources.podresources.devices import is_gpu_resource, parse_device_id
@@ -113,6 +114,24 @@ class DeviceOwnership:
 
     def devices(self) -> list[str]:
         return sorted({i.device for i in self.intervals()})
+
+    def to_json(self) -> list[list[Any]]:
+        """Every interval, open ones included, to save with the meter's cursor."""
+        return [
+            [i.device, *astuple(i.holder), i.start_ms, i.end_ms]
+            for i in [*self._closed, *self._open.values()]
+        ]
+
+    def restore(self, saved: list[list[Any]]) -> None:
+        """Holdings as they were saved: one still open at a restart is still held until a poll
+        without it, so the step across the restart is attributed like any other."""
+        self._open, self._closed = {}, []
+        for device, *holder_fields, start_ms, end_ms in saved:
+            interval = OwnershipInterval(str(device), Holder(*map(str, holder_fields)), start_ms, end_ms)
+            if end_ms is None:
+                self._open[(interval.device, interval.holder)] = interval
+            else:
+                self._closed.append(interval)
 
     def forget_before(self, before_ms: int) -> None:
         """Drop closed intervals that ended before ``before_ms`` (already metered), bounding memory."""
