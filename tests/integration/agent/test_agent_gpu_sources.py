@@ -54,9 +54,7 @@ def create_pods(cluster: ControlPlane, namespace: str, node: str, *names: str) -
             "metadata": {"name": name},
             "spec": {
                 "nodeName": node,
-                "containers": [
-                    {"name": "main", "image": "fake", "resources": {"requests": {"cpu": "250m"}}}
-                ],
+                "containers": [{"name": "main", "image": "fake", "resources": {"requests": {"cpu": "250m"}}}],
             },
         }
         cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(manifest))
