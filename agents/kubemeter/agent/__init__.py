@@ -40,6 +40,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--node-name", default=os.environ.get(NODE_NAME_ENV))
     parser.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG") or None)
     parser.add_argument("--metrics-port", type=int, default=None, help="overrides metricsPort of the config")
+    parser.add_argument(
+        "--metrics-host", default="0.0.0.0", help="address for /healthz and /metrics (127.0.0.1 off-cluster)"
+    )
     args = parser.parse_args(list(argv))
     if not args.node_name:
         parser.error(f"the node name is unknown; pass --node-name or set ${NODE_NAME_ENV}")
@@ -51,7 +54,9 @@ def run(argv: Sequence[str]) -> int:
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    agent = Agent(args.config, args.node_name, default_output, args.kubeconfig, args.metrics_port)
+    agent = Agent(
+        args.config, args.node_name, default_output, args.kubeconfig, args.metrics_port, args.metrics_host
+    )
     try:
         asyncio.run(agent.run())
     except KeyboardInterrupt:

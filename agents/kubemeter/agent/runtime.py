@@ -3,12 +3,18 @@
 Tasks on one event loop: the pod watch (this node only) and the namespace watch, a node refresher,
 one task per meter (each with its source), the config-file watcher, the checkpoint heartbeat and the
 HTTP server for ``/healthz`` and ``/metrics``.
+
+On SIGTERM the agent stops its meters and forwards its spool for up to ``SHUTDOWN_GRACE_S``; what
+is left resumes at the next start. If its node has been deleted there is no next start, so it first
+closes, for every meter, the windows up to the moment the node's last pod ended.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,17 +28,20 @@ from kubemeter.agent.meters import MeterRunner, World
 from kubemeter.agent.sources import build_source
 from kubemeter.agent.telemetry import Telemetry
 from kubemeter.config import HEALTH_PATH, METRICS_PATH, AgentConfig, AgentStatusReport, ResolvedMeter
-from kubemeter.metering.windows import window_containing
+from kubemeter.metering.windows import next_boundary_ms, window_containing, windows_between
 from kubemeter.output import EventOutput
 from kubemeter.sources.allocation import held_interval
 from kubemeter.sources.informer import Informer, now_ms
-from kubemeter.sources.kube import KubeApi, KubeCredentials
+from kubemeter.sources.kube import KubeApi, KubeApiError, KubeCredentials
 from kubemeter.sources.kubelet import KubeletPoller, kubelet_stats_url
 
 log = logging.getLogger(__name__)
 
 CONFIG_POLL_S = 1.0
 NODE_REFRESH_S = 30.0
+# On SIGTERM: the most time spent finishing a deleted node's windows and forwarding the spool
+# (within the DaemonSet's terminationGracePeriodSeconds, 30 s by default).
+SHUTDOWN_GRACE_S = 20.0
 OutputFactory = Callable[[AgentConfig], EventOutput]
 
 
@@ -52,6 +61,7 @@ class Agent:
         output_factory: OutputFactory,
         kubeconfig: str | None = None,
         metrics_port: int | None = None,
+        metrics_host: str = "0.0.0.0",
     ) -> None:
         self.config_path = config_path
         self.config_text = config_path.read_text()
@@ -60,12 +70,19 @@ class Agent:
         self.output = output_factory(self.config)
         self.kubeconfig = kubeconfig
         self.metrics_port = self.config.metrics_port if metrics_port is None else metrics_port
+        self.metrics_host = metrics_host
         self.telemetry = Telemetry()
         self.store = CheckpointStore(self.config.checkpoint_dir)
         self.runners: dict[str, tuple[MeterRunner, asyncio.Task[None]]] = {}
         self.saved_pod_versions: dict[str, str] = {}
+        self.stopping: asyncio.Event | None = None
 
     async def run(self) -> None:
+        """Meter until SIGTERM (or :meth:`stop`), then shut down cleanly."""
+        self.stopping = asyncio.Event()
+        # Not in the main thread (tests), there is no signal handler; stop() still works.
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, self.stopping.set)
         credentials = KubeCredentials.load(self.kubeconfig)
         async with aiohttp.ClientSession() as session:
             api = KubeApi(credentials, session)
@@ -100,16 +117,100 @@ class Agent:
             ]
             runner = await self._serve_http()
             try:
-                await pods.synced.wait()
-                await namespaces.synced.wait()
-                self.apply_meters(self.config)
-                background.append(asyncio.create_task(self._watch_config(), name="config"))
-                await self._housekeeping()
+                metering = asyncio.create_task(self._meter(pods, namespaces, background), name="metering")
+                stop = asyncio.create_task(self.stopping.wait(), name="stop")
+                await asyncio.wait({metering, stop}, return_when=asyncio.FIRST_COMPLETED)
+                stop.cancel()
+                if metering.done():
+                    metering.result()  # it only ends by raising
+                metering.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await metering
+                await self._shut_down()
             finally:
                 for task in background + [task for _, task in self.runners.values()]:
                     task.cancel()
                 await runner.cleanup()
                 self.store.close()
+
+    def stop(self) -> None:
+        """What SIGTERM does: stop metering, finish up (see :meth:`_shut_down`), return from run()."""
+        if self.stopping is not None:
+            self.stopping.set()
+
+    async def _meter(
+        self, pods: Informer, namespaces: Informer, background: list[asyncio.Task[None]]
+    ) -> None:
+        start = getattr(self.output, "start", None)
+        if start is not None:
+            await start()  # forwards what a killed run left in the spool, before any new window
+        await pods.synced.wait()
+        await namespaces.synced.wait()
+        self.apply_meters(self.config)
+        background.append(asyncio.create_task(self._watch_config(), name="config"))
+        await self._housekeeping()
+
+    # ---- shutdown ---------------------------------------------------------------------------------
+    async def _shut_down(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SHUTDOWN_GRACE_S
+        tasks = [task for _, task in self.runners.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self.runners and await self._node_deleted():
+            await self._finish_deleted_node(deadline - SHUTDOWN_GRACE_S / 2)
+        close = getattr(self.output, "close", None)
+        if close is not None:
+            drained = await close(max(0.0, deadline - loop.time()))
+            if not drained:
+                log.warning("stopping with events left in the spool; the next start forwards them")
+        log.info("stopped")
+
+    async def _node_deleted(self) -> bool:
+        try:
+            await self.api.get(f"/api/v1/nodes/{self.node_name}")
+        except KubeApiError as error:
+            return error.status == 404
+        except Exception as error:  # unreachable API server: assume the node is still there
+            log.warning("cannot tell whether node %s still exists: %s", self.node_name, error)
+        return False
+
+    async def _finish_deleted_node(self, deadline: float) -> None:
+        """The node is gone, so no pod starts here again and no later agent meters these pods. Once
+        every metered pod is seen ended, close each meter's windows through the last end now rather
+        than after the windows end, which this process would not live to see."""
+        loop = asyncio.get_running_loop()
+        for runner, _ in self.runners.values():
+            ends_ms = self._pod_ends_ms(runner)
+            while None in ends_ms and loop.time() < deadline:
+                await asyncio.sleep(0.2)
+                ends_ms = self._pod_ends_ms(runner)
+            # A barrier through now: the pods' final states are then certain, not as last seen.
+            await self.world.pods.catch_up(now_ms(), timeout_s=max(0.1, deadline - loop.time()))
+            if None in ends_ms:
+                log.warning(
+                    "node %s is deleted but meter %s still sees pods running; their last windows stay open",
+                    self.node_name,
+                    runner.name,
+                )
+                horizon_ms = runner.horizon_ms(now_ms())
+            else:
+                last_end_ms = max((end for end in ends_ms if end is not None), default=runner.cursor_ms)
+                horizon_ms = max(runner.cursor_ms, next_boundary_ms(last_end_ms - 1, runner.window_ms))
+            for window in windows_between(runner.cursor_ms, horizon_ms, runner.window_ms):
+                await runner.close_window(window)
+            log.info(
+                "node %s is deleted: meter %s closed through %d ms",
+                self.node_name,
+                runner.name,
+                runner.cursor_ms,
+            )
+
+    @staticmethod
+    def _pod_ends_ms(runner: MeterRunner) -> list[int | None]:
+        """When each pod the meter selects released its resources; None while it still holds them."""
+        return [held_interval(record)[0].end_ms for record in runner.selected_pods().values()]
 
     # ---- meters and configuration -----------------------------------------------------------------
     def _kubelet_url(self) -> str:
@@ -254,5 +355,5 @@ class Agent:
         app.router.add_get(METRICS_PATH, metrics)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        await web.TCPSite(runner, "0.0.0.0", self.metrics_port).start()
+        await web.TCPSite(runner, self.metrics_host, self.metrics_port).start()
         return runner
