@@ -1,26 +1,50 @@
-"""CEL, compiled once per expression, evaluated over plain JSON-like maps."""
+"""CEL, compiled once per expression, evaluated over plain JSON-like maps.
+
+Most subject and dimension expressions are plain paths (``namespace.metadata.labels["team"]``). Those
+are walked directly, and the CEL interpreter (celpy with its parser, ~10 MiB of an agent's memory) is
+imported only when some expression needs more than a path.
+"""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
+from functools import cache
 from typing import Any
-
-import celpy
-from celpy import celtypes
-from celpy.adapter import json_to_cel
-from celpy.celparser import CELParseError
-from celpy.evaluation import CELEvalError
 
 
 class CelError(ValueError):
     """An expression that does not compile or cannot be evaluated; the message names it."""
 
 
-_environment = celpy.Environment()
+_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
+_STEP = rf"""\.{_IDENT}|\[\s*"[^"\\]*"\s*\]|\[\s*'[^'\\]*'\s*\]"""
+_PATH = re.compile(rf"\s*(?P<root>{_IDENT})(?P<steps>(?:{_STEP})*)\s*")
+_STEPS = re.compile(rf"\.(?P<field>{_IDENT})|\[\s*(?P<quote>[\"'])(?P<key>.*?)(?P=quote)\s*\]")
+# CEL words that are not variables: a "path" starting with one is left to the interpreter.
+_RESERVED = frozenset({"true", "false", "null", "in", "as", "break", "const", "continue", "else", "for"})
+
+
+def path_of(text: str) -> tuple[str, list[str]] | None:
+    """``root`` and the keys of a plain path expression, or None for anything else."""
+    match = _PATH.fullmatch(text)
+    if match is None or match["root"] in _RESERVED:
+        return None
+    keys = [step["field"] or step["key"] for step in _STEPS.finditer(match["steps"])]
+    return match["root"], keys
+
+
+@cache
+def _environment() -> Any:
+    import celpy  # loaded only when an expression needs it
+
+    return celpy.Environment()
 
 
 def to_native(value: Any) -> Any:
     """CEL values back to JSON-able Python (celtypes subclass the builtins, but bool is an int)."""
+    from celpy import celtypes
+
     if isinstance(value, celtypes.BoolType):
         return bool(value)
     if isinstance(value, celtypes.IntType | celtypes.UintType):
@@ -42,13 +66,25 @@ class Expression:
     def __init__(self, text: str, where: str) -> None:
         self.text = text
         self.where = where
+        self._path = path_of(text)
+        self._program: Any = None
+        if self._path is not None:
+            return
+        from celpy.celparser import CELParseError
+
+        environment = _environment()
         try:
-            self._program = _environment.program(_environment.compile(text))
+            self._program = environment.program(environment.compile(text))
         except CELParseError as error:
             raise CelError(f"{where}: {text!r} is not valid CEL ({error}); see https://cel.dev") from error
 
     def evaluate(self, variables: Mapping[str, Any]) -> Any:
         """The value, or :class:`CelError` with the reason (a missing key, a type error)."""
+        if self._path is not None:
+            return self._walk(variables, *self._path)
+        from celpy.adapter import json_to_cel
+        from celpy.evaluation import CELEvalError
+
         try:
             result = self._program.evaluate({name: json_to_cel(value) for name, value in variables.items()})
         except CELEvalError as error:
@@ -58,3 +94,16 @@ class Expression:
         if isinstance(result, CELEvalError):
             raise CelError(f"{self.where}: {self.text!r} failed: {result.args[0] if result.args else result}")
         return to_native(result)
+
+    def _walk(self, variables: Mapping[str, Any], root: str, keys: list[str]) -> Any:
+        """CEL's meaning of a path over JSON maps: every step must exist (no implicit null)."""
+        if root not in variables:
+            raise CelError(f"{self.where}: {self.text!r} failed: undeclared reference to {root!r}")
+        value = variables[root]
+        for key in keys:
+            if not isinstance(value, Mapping):
+                raise CelError(f"{self.where}: {self.text!r} failed: {key!r} selected on a non-map")
+            if key not in value:
+                raise CelError(f"{self.where}: {self.text!r} failed: no such key: {key!r}")
+            value = value[key]
+        return value

@@ -174,6 +174,8 @@ class Informer:
 
     def _store(self, key: str, obj: dict[str, Any], deleted_at_ms: int | None = None) -> None:
         """Replace the cached version, keeping the earliest deletion request any version showed."""
+        # managedFields is about half of a pod object and nothing meters it: not kept in memory.
+        (obj.get("metadata") or {}).pop("managedFields", None)
         requests = [deletion_requested_ms(obj)]
         if (previous := self.objects.get(key)) is not None:
             requests.append(previous.deletion_requested_ms)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import ast
+import asyncio
+import json
+import re
 import ssl
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
-
-import httpx
 
 
 class PrometheusError(Exception):
@@ -115,49 +117,93 @@ def parse_matrix(body: dict[str, Any]) -> list[Series]:
 
 
 class PrometheusClient:
+    """Instant queries through ``prometheus-api-client`` (blocking ``requests``), in a worker thread so
+    the agent's event loop never waits on Prometheus. Imported only when a Prometheus meter exists."""
+
     def __init__(self, connection: PrometheusConnection) -> None:
+        from prometheus_api_client import PrometheusConnect
+        from urllib3.util.retry import Retry
+
         self.connection = connection
-        self._http = httpx.AsyncClient(
-            base_url=connection.url.rstrip("/"),
+        self._error: PrometheusError | None = None
+        try:
+            connection.verify()  # a missing CA or client certificate is reported with the fix
+        except PrometheusError as error:
+            self._error = error
+        # No retries inside the library: the source's poll loop retries with backoff and reports.
+        self._prometheus = PrometheusConnect(
+            url=connection.url.rstrip("/"),
             headers=dict(connection.headers),
-            verify=connection.verify(),
+            disable_ssl=connection.insecure_skip_verify,
+            retry=Retry(total=0, raise_on_status=False),
             timeout=connection.timeout_s,
         )
+        if connection.ca_file and not connection.insecure_skip_verify:
+            self._prometheus._session.verify = connection.ca_file
+        if connection.client_cert_file:
+            self._prometheus._session.cert = (connection.client_cert_file, connection.client_key_file)
 
     async def close(self) -> None:
-        await self._http.aclose()
+        await asyncio.to_thread(self._prometheus._session.close)
 
     async def raw_samples(self, query: str, at_ms: int) -> list[Series]:
         """Evaluate a range-selector ``query`` at ``at_ms``: the stored samples, untouched."""
-        form = {"query": query, "time": str(Decimal(at_ms).scaleb(-3))}
+        if self._error is not None:
+            raise self._error
         headers, basic_auth = self.connection.credentials()
+        result = await asyncio.to_thread(self._query, query, at_ms, headers, basic_auth)
+        return parse_result(result)
+
+    def _query(
+        self, query: str, at_ms: int, headers: dict[str, str], basic_auth: tuple[str, str] | None
+    ) -> list[dict[str, Any]]:
+        import requests
+        from prometheus_api_client.exceptions import PrometheusApiClientException
+
+        # One query at a time per source (its poll loop), so setting these per call is safe.
+        self._prometheus.headers = {**self.connection.headers, **headers}
+        self._prometheus.auth = basic_auth
         try:
-            response = await self._http.post(
-                "/api/v1/query",
-                data=form,
-                headers=headers,
-                auth=httpx.BasicAuth(*basic_auth) if basic_auth else httpx.USE_CLIENT_DEFAULT,
+            result: list[dict[str, Any]] = self._prometheus.custom_query(
+                query, params={"time": str(Decimal(at_ms).scaleb(-3))}
             )
-        except httpx.HTTPError as error:
+            return result
+        except requests.RequestException as error:
             raise PrometheusError(
                 f"Prometheus at {self.connection.url} is unreachable ({type(error).__name__}: {error}); "
                 "check spec.source.prometheus.url and that the agent's network policy allows it"
             ) from error
-        if response.status_code in (401, 403):
-            raise PrometheusError(
-                f"Prometheus at {self.connection.url} refused the query ({response.status_code}); "
-                "check the bearer token / basic auth / headers configured for this meter"
-            )
-        try:
-            body = response.json()
-        except ValueError:
-            body = {}
-        if response.status_code in (400, 422) or body.get("errorType") in ("bad_data", "execution"):
-            raise PrometheusQueryError(
-                f"Prometheus rejected {query!r}: {body.get('error') or response.text[:300]}"
-            )
-        if response.status_code >= 400 or body.get("status") != "success":
-            raise PrometheusError(
-                f"Prometheus answered {response.status_code}: {body.get('error') or response.text[:300]}"
-            )
-        return parse_matrix(body)
+        except (PrometheusApiClientException, ValueError, KeyError) as error:
+            raise classify_failure(self.connection.url, query, str(error)) from error
+
+
+_STATUS = re.compile(r"HTTP Status Code (\d+) \((.*)\)$", re.DOTALL)
+
+
+def classify_failure(url: str, query: str, message: str) -> PrometheusError:
+    """prometheus-api-client reports a non-200 answer as ``HTTP Status Code N (b'body')``."""
+    match = _STATUS.search(message)
+    if match is None:
+        return PrometheusError(f"Prometheus at {url} answered something unreadable: {message[:300]}")
+    status = int(match[1])
+    body: dict[str, Any] = {}
+    try:
+        raw = ast.literal_eval(match[2])
+        body = json.loads(raw) if isinstance(raw, bytes | str) else {}
+    except (ValueError, SyntaxError):
+        pass
+    if status in (401, 403):
+        return PrometheusError(
+            f"Prometheus at {url} refused the query ({status}); "
+            "check the bearer token / basic auth / headers configured for this meter"
+        )
+    if status in (400, 422) or body.get("errorType") in ("bad_data", "execution"):
+        return PrometheusQueryError(f"Prometheus rejected {query!r}: {body.get('error') or message[:300]}")
+    return PrometheusError(f"Prometheus answered {status}: {body.get('error') or message[:300]}")
+
+
+def parse_result(result: list[dict[str, Any]]) -> list[Series]:
+    """The ``result`` list of a query answer; only a matrix (raw samples) is accepted."""
+    if any("value" in item and "values" not in item for item in result):
+        return parse_matrix({"data": {"resultType": "vector", "result": result}})
+    return parse_matrix({"data": {"resultType": "matrix", "result": result}})
