@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: help setup tools test test-unit test-integration test-gpu lint crds cluster-up cluster-down demo bench
+.PHONY: help setup tools test test-unit test-integration test-gpu lint crds cluster-up cluster-down demo bench chaos
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 20
@@ -61,3 +61,6 @@ bench: setup ## every benchmark side by side; prints a table, writes bench/resul
 
 demo: setup tools ## the main job on local defaults: cluster, operator, agents, gateway, sink, then a chargeback table
 	$(BIN)/python -m demo.run $(DEMO_ARGS)
+
+chaos: setup tools ## end-to-end fault suite on the local stack; table of faults x outcome, chaos/results/latest.json
+	$(BIN)/python -m chaos.run $(CHAOS_ARGS)

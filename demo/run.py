@@ -6,9 +6,8 @@ applies ``examples/gpu-chargeback.yaml`` (its output pointed at the local sink),
 memory workloads for three teams, lets them run, ends them, waits for every window to reach the sink
 and prints the chargeback table next to the ground truth computed from the pods' own timestamps.
 
-Local stand-ins, and only these: the agents and the gateway run as processes rather than pods (kwok
-nodes run no containers), so each gets the configuration the operator rendered into the Collector's
-ConfigMap with local paths and ports substituted.
+The stack itself (control plane, sink, operator, gateway, agents as local processes) is
+:mod:`demo.harness`, shared with ``make chaos``.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +24,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -34,9 +32,9 @@ from typing import Any
 import yaml
 from kubemeter.config import AgentConfig, GatewayConfig
 
-from tests.support.controlplane import REPO_ROOT, ControlPlane, free_port, wait_for
+from demo.harness import NAMESPACE, Stack
+from tests.support.controlplane import REPO_ROOT, wait_for
 
-NAMESPACE = "kubemeter"
 EXAMPLE = REPO_ROOT / "examples" / "gpu-chargeback.yaml"
 GRACE_S = 30  # the default terminationGracePeriodSeconds: deletionTimestamp = request + grace
 
@@ -77,157 +75,25 @@ def workloads() -> list[Workload]:
 
 
 @dataclass
-class Demo:
-    state: Path
-    out: Path
-    run_s: int
-    plane: ControlPlane | None = None
-    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-    sink_url: str = ""
+class Demo(Stack):
+    out: Path = Path("demo-out")
+    run_s: int = 90
     held: dict[str, dict[str, Any]] = field(default_factory=dict)  # pod -> bound/released/requests
-
-    # ---- output ----------------------------------------------------------------------------------
-    def say(self, message: str) -> None:
-        print(f"[{datetime.now(tz=UTC).strftime('%H:%M:%S')}] {message}", flush=True)
-
-    # ---- processes -------------------------------------------------------------------------------
-    def spawn(self, name: str, *args: str, env: dict[str, str] | None = None) -> None:
-        log = (self.state / "logs").joinpath(f"{name}.log").open("ab")
-        self.processes[name] = subprocess.Popen(
-            [sys.executable, "-m", "kubemeter_cli", *args],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-            cwd=REPO_ROOT,
-            start_new_session=True,
-        )
-        log.close()
-
-    def check_processes(self) -> None:
-        for name, process in self.processes.items():
-            if process.poll() is not None:
-                log = (self.state / "logs" / f"{name}.log").read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"{name} exited with {process.returncode}:\n{log}")
-
-    def stop(self) -> None:
-        for process in self.processes.values():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-        for process in self.processes.values():
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-        if self.plane is not None:
-            self.plane.stop()
-
-    # ---- steps -----------------------------------------------------------------------------------
-    def kubectl(self, *args: str, input: str | None = None) -> str:
-        assert self.plane is not None
-        return self.plane.kubectl(*args, input=input).stdout
-
-    def start_cluster(self) -> None:
-        shutil.rmtree(self.state, ignore_errors=True)
-        (self.state / "logs").mkdir(parents=True)
-        self.say("starting the local control plane (etcd, kube-apiserver, controllers, kwok nodes)")
-        self.plane = ControlPlane(self.state / "cluster")
-        self.plane.start()
-        nodes = ", ".join(node.name for node in self.plane.nodes)
-        self.say(f"control plane up in {self.plane.timings_s['start']:.1f} s; nodes: {nodes}")
-        for crd in sorted((REPO_ROOT / "crds").glob("*.yaml")):
-            self.kubectl("apply", "--server-side", "-f", str(crd))
-        self.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
-        self.say("CRDs installed: Meter, Collector, Pipeline")
-
-    def start_sink(self) -> None:
-        port = free_port()
-        self.spawn(
-            "sink", "sink", "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(self.state / "sink")
-        )
-        self.sink_url = f"http://127.0.0.1:{port}"
-        wait_for(
-            lambda: self._get(f"{self.sink_url}/healthz") is not None, timeout_s=30, what="kubemeter sink"
-        )
-        self.say(f"billing sink (kubemeter sink) listening on {self.sink_url}")
 
     def apply_example(self) -> None:
         self.kubectl("create", "namespace", NAMESPACE)
-        documents = list(yaml.safe_load_all(EXAMPLE.read_text()))
-        self.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=yaml.safe_dump_all(documents))
+        self.apply(yaml.safe_load_all(EXAMPLE.read_text()))
         self.say(f"applied {EXAMPLE.relative_to(REPO_ROOT)} in namespace {NAMESPACE}")
 
-    def start_operator(self) -> None:
-        assert self.plane is not None
-        self.spawn(
-            "operator",
-            "operator",
-            "--standalone",
-            "--liveness-port",
-            "0",
-            "--metrics-port",
-            "0",
-            env={"KUBECONFIG": str(self.plane.kubeconfig)},
-        )
-        config_map = wait_for(
-            self._rendered_config, timeout_s=90, what="the operator to render the Collector"
-        )
+    def start_data_plane(self) -> None:
+        self.start_operator()
+        config_map = self.wait_rendered_config()
         self.say("operator reconciled the Collector: RBAC, ConfigMap, agent DaemonSet, gateway StatefulSet")
-        self._start_gateway(GatewayConfig.from_yaml(config_map["data"]["gateway.yaml"]))
-        self._start_agents(config_map["data"]["agent.yaml"])
-
-    def _rendered_config(self) -> dict[str, Any] | None:
-        self.check_processes()
-        items = json.loads(self.kubectl("get", "configmaps", "-n", NAMESPACE, "-o", "json"))["items"]
-        return next((c for c in items if "agent.yaml" in (c.get("data") or {})), None)
-
-    def _start_gateway(self, config: GatewayConfig) -> None:
-        port = free_port()
-        token_file = self.state / "billing-token"
-        token_file.write_text("replace-me\n")
-        local = config.model_copy(
-            update={
-                "output": config.output.model_copy(update={"url": self.sink_url}),
-                "credentials_file": str(token_file),
-                "data_dir": str(self.state / "gateway"),
-                "listen_address": f"127.0.0.1:{port}",
-            }
-        )
-        path = self.state / "gateway.yaml"
-        path.write_text(local.to_yaml())
-        self.spawn("gateway", "gateway", "--config", str(path))
-        self.gateway_url = f"http://127.0.0.1:{port}"
-        wait_for(
-            lambda: self._get(f"{self.gateway_url}/readyz") is not None, timeout_s=30, what="the gateway"
-        )
-        self.say(f"gateway up on {self.gateway_url} (queue on {local.data_dir}), delivering to the sink")
-
-    def _start_agents(self, agent_yaml: str) -> None:
-        assert self.plane is not None
-        config = AgentConfig.from_yaml(agent_yaml)
-        for node in self.plane.nodes:
-            directory = self.state / "agents" / node.name
-            local = config.model_copy(
-                update={
-                    "gateway_url": self.gateway_url,
-                    "spool_dir": str(directory / "spool"),
-                    "checkpoint_dir": str(directory / "checkpoints"),
-                    "metrics_port": free_port(),
-                }
-            )
-            directory.mkdir(parents=True)
-            (directory / "agent.yaml").write_text(local.to_yaml())
-            self.spawn(
-                f"agent-{node.name}",
-                "agent",
-                "--config",
-                str(directory / "agent.yaml"),
-                "--node-name",
-                node.name,
-                "--kubeconfig",
-                str(self.plane.kubeconfig),
-            )
-        meters = ", ".join(meter.name for meter in config.meters)
-        self.say(f"{len(self.plane.nodes)} agents metering {meters}")
+        self.start_gateway(GatewayConfig.from_yaml(config_map["data"]["gateway.yaml"]))
+        self.say(f"gateway up on {self.gateway_url}, delivering to the sink")
+        self.start_agents(config_map["data"]["agent.yaml"])
+        meters = ", ".join(m.name for m in AgentConfig.from_yaml(self.agent_config_text).meters)
+        self.say(f"{len(self.nodes)} agents metering {meters}")
 
     def start_workloads(self) -> list[Workload]:
         for namespace, customer in TEAMS.items():
@@ -304,15 +170,6 @@ class Demo:
                 return False
         return True
 
-    def progress(self, prefix: str) -> None:
-        stats = self._get(f"{self.sink_url}/_sink/stats") or {}
-        gateway = self._get(f"{self.gateway_url}/status") or {}
-        self.say(
-            f"{prefix}; gateway buffer {gateway.get('bufferedEvents', '?')} events, "
-            f"delivered {gateway.get('deliveredEvents', '?')}; "
-            f"sink holds {stats.get('storedEvents', '?')} events"
-        )
-
     def wait_for_delivery(self, timeout_s: float = 180) -> None:
         """Every meter's last window closes at the next boundary after the last release; then the
         agents' interval and the gateway's batch delay pass. Waits until the sink's totals equal the
@@ -348,9 +205,7 @@ class Demo:
 
     # ---- report ----------------------------------------------------------------------------------
     def report(self) -> dict[str, Any]:
-        truth = ground_truth(
-            self.held, {n.name: n.labels.get("nvidia.com/gpu.product", "") for n in self.plane.nodes}
-        )
+        truth = self.truth()
         metered = self.metered()
         rows = chargeback_rows(metered)
         print()
@@ -358,7 +213,7 @@ class Demo:
         self.out.mkdir(parents=True, exist_ok=True)
         summary = {"rows": rows, "ground_truth": truth, "sink": self.sink_url}
         (self.out / "chargeback.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        stored = self._get(f"{self.sink_url}/api/v1/usage/events") or {}
+        stored = self.get(f"{self.sink_url}/api/v1/usage/events") or {}
         (self.out / "sink-events.json").write_text(json.dumps(stored.get("events", []), indent=2) + "\n")
         with contextlib.suppress(FileNotFoundError, subprocess.CalledProcessError):
             subprocess.run(
@@ -386,21 +241,10 @@ class Demo:
         query = urllib.parse.urlencode(
             [("groupBy", "subject"), ("groupBy", "type"), ("groupBy", "gpu_model")], doseq=True
         )
-        body = self._get(f"{self.sink_url}/api/v1/usage?{query}")
+        body = self.get(f"{self.sink_url}/api/v1/usage?{query}")
         assert body is not None, "the sink did not answer the usage query"
         rows: list[dict[str, Any]] = body["data"] if isinstance(body, dict) else body
         return rows
-
-    def _get(self, url: str) -> Any:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                text = response.read().decode()
-        except OSError:
-            return None
-        try:
-            return json.loads(text)
-        except ValueError:
-            return text
 
 
 def _parse(text: str) -> float:
@@ -408,10 +252,16 @@ def _parse(text: str) -> float:
 
 
 def _quantity(text: str) -> Decimal:
-    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "m": Decimal("0.001")}
+    units = {
+        "Ki": Decimal(2**10),
+        "Mi": Decimal(2**20),
+        "Gi": Decimal(2**30),
+        "Ti": Decimal(2**40),
+        "m": Decimal("0.001"),
+    }
     for suffix, factor in units.items():
         if text.endswith(suffix):
-            return Decimal(text[: -len(suffix)]) * Decimal(factor)
+            return Decimal(text[: -len(suffix)]) * factor
     return Decimal(text)
 
 
@@ -509,12 +359,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state", type=Path, default=REPO_ROOT / ".state" / "demo")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "demo-out")
     args = parser.parse_args(argv)
-    demo = Demo(args.state.resolve(), args.out.resolve(), args.seconds)
+    demo = Demo(args.state.resolve(), out=args.out.resolve(), run_s=args.seconds)
     with interrupted_cleanly(demo):
         demo.start_cluster()
         demo.start_sink()
+        demo.say(f"billing sink (kubemeter sink) listening on {demo.sink_url}")
         demo.apply_example()
-        demo.start_operator()
+        demo.start_data_plane()
         chosen = demo.start_workloads()
         demo.run_workloads(chosen)
         demo.wait_for_delivery()
