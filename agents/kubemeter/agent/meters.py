@@ -122,7 +122,9 @@ class MeterRunner:
         if observed_ms >= settled_ms:
             return settled_ms
         # The source is behind: hold windows until it catches up, but not forever.
-        return max(observed_ms, settled_ms - MAX_HOLD_WINDOWS * self.window_ms)
+        limit_ms = self.source.hold_limit_ms
+        hold_ms = MAX_HOLD_WINDOWS * self.window_ms if limit_ms is None else limit_ms
+        return max(observed_ms, settled_ms - hold_ms)
 
     async def run(self) -> None:
         source_task = asyncio.create_task(self.source.run(), name=f"source {self.name}")

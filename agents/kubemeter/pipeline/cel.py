@@ -1,8 +1,9 @@
 """CEL, compiled once per expression, evaluated over plain JSON-like maps.
 
-Most subject and dimension expressions are plain paths (``namespace.metadata.labels["team"]``). Those
-are walked directly, and the CEL interpreter (celpy with its parser, ~10 MiB of an agent's memory) is
-imported only when some expression needs more than a path.
+Most subject and dimension expressions are plain paths (``namespace.metadata.labels["team"]``) and
+most ``set`` values plain string literals. Those are evaluated directly, and the CEL interpreter
+(celpy with its parser, ~10 MiB of an agent's memory) is imported only when some expression needs
+more than that.
 """
 
 from __future__ import annotations
@@ -23,6 +24,17 @@ _PATH = re.compile(rf"\s*(?P<root>{_IDENT})(?P<steps>(?:{_STEP})*)\s*")
 _STEPS = re.compile(rf"\.(?P<field>{_IDENT})|\[\s*(?P<quote>[\"'])(?P<key>.*?)(?P=quote)\s*\]")
 # CEL words that are not variables: a "path" starting with one is left to the interpreter.
 _RESERVED = frozenset({"true", "false", "null", "in", "as", "break", "const", "continue", "else", "for"})
+
+
+_LITERAL = re.compile(r"""\s*(?:'(?P<single>[^'\\]*)'|"(?P<double>[^"\\]*)")\s*""")
+
+
+def string_literal_of(text: str) -> str | None:
+    """The value of a plain string literal without escapes (``'eu-west-1'``), or None."""
+    match = _LITERAL.fullmatch(text)
+    if match is None:
+        return None
+    return match["single"] if match["single"] is not None else match["double"]
 
 
 def path_of(text: str) -> tuple[str, list[str]] | None:
@@ -67,8 +79,9 @@ class Expression:
         self.text = text
         self.where = where
         self._path = path_of(text)
+        self._literal = string_literal_of(text)
         self._program: Any = None
-        if self._path is not None:
+        if self._path is not None or self._literal is not None:
             return
         from celpy.celparser import CELParseError
 
@@ -82,6 +95,8 @@ class Expression:
         """The value, or :class:`CelError` with the reason (a missing key, a type error)."""
         if self._path is not None:
             return self._walk(variables, *self._path)
+        if self._literal is not None:
+            return self._literal
         from celpy.adapter import json_to_cel
         from celpy.evaluation import CELEvalError
 

@@ -38,6 +38,8 @@ def held_interval(record: PodRecord) -> tuple[Interval, str | None]:
 
 
 class AllocationSource:
+    hold_limit_ms: int | None = None
+
     def __init__(self, pods: Informer, resource: str, basis: Basis) -> None:
         self.pods = pods
         self.resource = resource

@@ -53,6 +53,10 @@ PodRecord = CachedObject
 class Source(Protocol):
     """A measurement of this node's pods for one meter."""
 
+    # How long past its settle time the agent may hold a window for this source to catch up, or None
+    # for the agent's default (two windows). A source that can back-fill later holds longer.
+    hold_limit_ms: int | None
+
     async def run(self) -> None:
         """Observe until cancelled. Faults are retried with backoff and reported through
         :meth:`fault`, never raised."""
@@ -91,6 +95,7 @@ class Progress:
 
     observed_ms: int = 0
     last_error: str | None = None
+    hold_limit_ms: int | None = None
 
     def observed_through_ms(self) -> int:
         return self.observed_ms

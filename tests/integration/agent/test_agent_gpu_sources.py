@@ -400,8 +400,9 @@ def test_runai_meter_bills_gpu_allocation_with_project_and_department_and_back_f
     agent = start_agent(tmp_path / "agent", node.name, cluster, [runai_meter])
     try:
         full_windows(agent, "gpu-allocation-seconds", 1)
-        # Run:ai goes down across a window's end for 9 s (longer than the client's own retries):
-        # the source reports it, the agent holds that window, and it is fetched when Run:ai is back.
+        # Run:ai goes down across a window's end for 28 s: longer than the client's own retries and
+        # than the two windows the agent holds other sources for. The source reports it, the agent
+        # holds those windows (Run:ai keeps the metrics), and they are fetched when Run:ai is back.
         now = time.time()
         next_end = (int(now) // WINDOW_S + 1) * WINDOW_S
         time.sleep(max(0.0, next_end - 1 - now))
@@ -412,7 +413,7 @@ def test_runai_meter_bills_gpu_allocation_with_project_and_department_and_back_f
             what="the Run:ai outage to show as a source fault",
         )
         assert "Run:ai unavailable" in fault
-        time.sleep(max(0.0, next_end + 8 - time.time()))
+        time.sleep(max(0.0, next_end + 27 - time.time()))
         running.call(lambda: setattr(emulator, "outage", False))
         events = full_windows(agent, "gpu-allocation-seconds", 4)
         values = [(e["data"]["value"], e["data"]["complete"]) for e in events]

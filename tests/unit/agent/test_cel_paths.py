@@ -7,7 +7,7 @@ from typing import Any
 import celpy
 import pytest
 from celpy.adapter import json_to_cel
-from kubemeter.pipeline.cel import CelError, Expression, path_of, to_native
+from kubemeter.pipeline.cel import CelError, Expression, path_of, string_literal_of, to_native
 
 VARIABLES: dict[str, Any] = {
     "pod": {"metadata": {"name": "train-0", "labels": {"team": "ml", "n": 3}, "annotations": {}}},
@@ -50,8 +50,23 @@ def test_a_path_that_does_not_exist_fails_as_in_cel(text: str) -> None:
         Expression(text, "test").evaluate(VARIABLES)
 
 
+@pytest.mark.parametrize("text", ["'eu-west-1'", '"acme"', "''"])
+def test_a_string_literal_is_its_value_as_in_cel(text: str) -> None:
+    assert string_literal_of(text) is not None
+    assert Expression(text, "test").evaluate(VARIABLES) == interpreted(text)
+
+
 @pytest.mark.parametrize(
-    "text", ["true", "size(pod.metadata.name)", 'pod.metadata.name + "-x"', "has(pod.metadata.x)", "a.b == c"]
+    "text",
+    [
+        "true",
+        "'a\\'b'",
+        "'a' + 'b'",
+        "size(pod.metadata.name)",
+        'pod.metadata.name + "-x"',
+        "has(pod.metadata.x)",
+        "a.b == c",
+    ],
 )
 def test_anything_beyond_a_path_goes_to_the_interpreter(text: str) -> None:
-    assert path_of(text) is None
+    assert path_of(text) is None and string_literal_of(text) is None

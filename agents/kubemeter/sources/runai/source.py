@@ -55,9 +55,16 @@ def integrate(
     return total / 1000, gap_ms
 
 
+RUNAI_HOLD_LIMIT_MS = 3_600_000
+
+
 class RunaiSource(Progress):
     """Readings carry the Run:ai organisation they belong to as dimensions: ``project``,
     ``department`` and ``workload``."""
+
+    # Run:ai keeps the metrics: after an outage the windows are fetched late, not closed empty. The
+    # agent holds this meter's windows for up to this long before closing them flagged.
+    hold_limit_ms: int | None = RUNAI_HOLD_LIMIT_MS
 
     def __init__(
         self,
