@@ -1,6 +1,7 @@
 """CEL, compiled once per expression, evaluated over plain JSON-like maps.
 
-Most subject and dimension expressions are plain paths (``namespace.metadata.labels["team"]``) and
+Most subject and dimension expressions are plain paths (``namespace.metadata.labels["team"]``), a
+label with a default (``'team' in pod.metadata.labels ? pod.metadata.labels['team'] : ''``), and
 most ``set`` values plain string literals. Those are evaluated directly, and the CEL interpreter
 (celpy with its parser, ~10 MiB of an agent's memory) is imported only when some expression needs
 more than that.
@@ -46,6 +47,50 @@ def path_of(text: str) -> tuple[str, list[str]] | None:
     return match["root"], keys
 
 
+def _split_outside_quotes(text: str, separator: str) -> list[str]:
+    """``text`` split at each ``separator`` that is not inside a quoted string."""
+    parts: list[str] = []
+    current: list[str] = []
+    quote = ""
+    for char in text:
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char == separator:
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(char)
+    parts.append("".join(current))
+    return parts
+
+
+Operand = tuple[str, list[str]] | str  # a path (root, keys) or a string literal
+
+
+def operand_of(text: str) -> Operand | None:
+    literal = string_literal_of(text)
+    return literal if literal is not None else path_of(text)
+
+
+def conditional_of(text: str) -> tuple[str, tuple[str, list[str]], Operand, Operand] | None:
+    """``'key' in PATH ? THEN : ELSE`` (THEN and ELSE paths or string literals), the usual way to
+    default a label, as (key, container path, then, else); None for anything else."""
+    condition_rest = _split_outside_quotes(text, "?")
+    if len(condition_rest) != 2:
+        return None
+    branches = _split_outside_quotes(condition_rest[1], ":")
+    membership = re.fullmatch(r"\s*('[^'\\]*'|\"[^\"\\]*\")\s+in\s+(.+)", condition_rest[0])
+    if len(branches) != 2 or membership is None:
+        return None
+    key, container = string_literal_of(membership[1]), path_of(membership[2])
+    then, otherwise = operand_of(branches[0]), operand_of(branches[1])
+    if key is None or container is None or then is None or otherwise is None:
+        return None
+    return key, container, then, otherwise
+
+
 @cache
 def _environment() -> Any:
     import celpy  # loaded only when an expression needs it
@@ -78,10 +123,10 @@ class Expression:
     def __init__(self, text: str, where: str) -> None:
         self.text = text
         self.where = where
-        self._path = path_of(text)
-        self._literal = string_literal_of(text)
+        self._simple = operand_of(text)
+        self._conditional = conditional_of(text) if self._simple is None else None
         self._program: Any = None
-        if self._path is not None or self._literal is not None:
+        if self._simple is not None or self._conditional is not None:
             return
         from celpy.celparser import CELParseError
 
@@ -93,10 +138,14 @@ class Expression:
 
     def evaluate(self, variables: Mapping[str, Any]) -> Any:
         """The value, or :class:`CelError` with the reason (a missing key, a type error)."""
-        if self._path is not None:
-            return self._walk(variables, *self._path)
-        if self._literal is not None:
-            return self._literal
+        if self._simple is not None:
+            return self._operand(variables, self._simple)
+        if self._conditional is not None:
+            key, container_path, then, otherwise = self._conditional
+            container = self._walk(variables, *container_path)
+            if not isinstance(container, Mapping | list):
+                raise CelError(f"{self.where}: {self.text!r} failed: no such overload for 'in'")
+            return self._operand(variables, then if key in container else otherwise)
         from celpy.adapter import json_to_cel
         from celpy.evaluation import CELEvalError
 
@@ -109,6 +158,9 @@ class Expression:
         if isinstance(result, CELEvalError):
             raise CelError(f"{self.where}: {self.text!r} failed: {result.args[0] if result.args else result}")
         return to_native(result)
+
+    def _operand(self, variables: Mapping[str, Any], operand: Operand) -> Any:
+        return operand if isinstance(operand, str) else self._walk(variables, *operand)
 
     def _walk(self, variables: Mapping[str, Any], root: str, keys: list[str]) -> Any:
         """CEL's meaning of a path over JSON maps: every step must exist (no implicit null)."""

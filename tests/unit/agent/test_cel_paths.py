@@ -7,7 +7,14 @@ from typing import Any
 import celpy
 import pytest
 from celpy.adapter import json_to_cel
-from kubemeter.pipeline.cel import CelError, Expression, path_of, string_literal_of, to_native
+from kubemeter.pipeline.cel import (
+    CelError,
+    Expression,
+    conditional_of,
+    path_of,
+    string_literal_of,
+    to_native,
+)
 
 VARIABLES: dict[str, Any] = {
     "pod": {"metadata": {"name": "train-0", "labels": {"team": "ml", "n": 3}, "annotations": {}}},
@@ -56,10 +63,35 @@ def test_a_string_literal_is_its_value_as_in_cel(text: str) -> None:
     assert Expression(text, "test").evaluate(VARIABLES) == interpreted(text)
 
 
+CONDITIONALS = [
+    "'team' in pod.metadata.labels ? pod.metadata.labels['team'] : ''",
+    "'absent' in pod.metadata.labels ? pod.metadata.labels['absent'] : 'unknown'",
+    "'billing.kubemeter.io/customer' in namespace.metadata.labels ? "
+    "namespace.metadata.labels['billing.kubemeter.io/customer'] : node.metadata.name",
+    "'a:b?' in pod.metadata.annotations ? 'yes' : 'no'",
+]
+
+
+@pytest.mark.parametrize("text", CONDITIONALS)
+def test_a_label_with_a_default_gives_what_the_cel_interpreter_gives(text: str) -> None:
+    assert conditional_of(text) is not None
+    assert Expression(text, "test").evaluate(VARIABLES) == interpreted(text)
+
+
+def test_a_default_over_a_missing_map_fails_as_in_cel() -> None:
+    text = "'x' in pod.spec.labels ? 'a' : 'b'"
+    with pytest.raises(Exception):  # noqa: B017 - celpy raises its own error type
+        interpreted(text)
+    with pytest.raises(CelError, match="no such key"):
+        Expression(text, "test").evaluate(VARIABLES)
+
+
 @pytest.mark.parametrize(
     "text",
     [
         "true",
+        "'a' in pod.metadata.labels ? size(x) : 'b'",
+        "pod.metadata.name == 'x' ? 'a' : 'b'",
         "'a\\'b'",
         "'a' + 'b'",
         "size(pod.metadata.name)",
@@ -69,4 +101,4 @@ def test_a_string_literal_is_its_value_as_in_cel(text: str) -> None:
     ],
 )
 def test_anything_beyond_a_path_goes_to_the_interpreter(text: str) -> None:
-    assert path_of(text) is None and string_literal_of(text) is None
+    assert path_of(text) is None and string_literal_of(text) is None and conditional_of(text) is None
