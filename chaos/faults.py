@@ -327,59 +327,63 @@ def _post_to_gateway(run: ChaosRun, events: list[dict[str, Any]]) -> int:
 
 
 def _fill(run: ChaosRun, most: int | None = None) -> int:
-    """Post application events to the gateway until it refuses them (503) or ``most`` are in.
-    Returns how many it acknowledged; those are owed to the billing API."""
+    """Post application events to the gateway until ``most`` are in, or (``most`` None) until it
+    refuses even a single event (503): the volume is full. Returns how many it acknowledged; those
+    are owed to the billing API."""
     acknowledged = 0
     started = time.monotonic()
-    while (most is None or acknowledged < most) and time.monotonic() - started < 120:
-        run.check()
-        events = _filler_events(FILLER_BATCH)
-        status = _post_to_gateway(run, events)
-        if status == 503:
-            break
-        if status != 204:
-            raise RuntimeError(f"the gateway answered {status} to application events")
-        run.filler_ids.setdefault(run.current, set()).update(event["id"] for event in events)
-        acknowledged += len(events)
+    for batch in (FILLER_BATCH, 25, 1) if most is None else (FILLER_BATCH,):
+        while (most is None or acknowledged < most) and time.monotonic() - started < 120:
+            run.check()
+            events = _filler_events(batch)
+            status = _post_to_gateway(run, events)
+            if status == 503:
+                break
+            if status != 204:
+                raise RuntimeError(f"the gateway answered {status} to application events")
+            run.filler_ids.setdefault(run.current, set()).update(event["id"] for event in events)
+            acknowledged += len(events)
     return acknowledged
 
 
 def full_volume(run: ChaosRun) -> Evidence:
     """The billing API answers 503, application events fill the gateway's volume until it refuses
-    (503), the agents are pushed back and keep their windows in their spools; then the API returns
-    and everything drains. Every application event the gateway acknowledged must reach the sink."""
+    even one more (503), the agents are pushed back (refused) and keep their windows in their
+    spools; then the API returns and everything drains. Every application event the gateway
+    acknowledged must reach the sink."""
     stack = run.stack
     stack.post(f"{stack.sink_url}/_sink/faults", {"status": 503, "requests": 1_000_000})
-    refused_before = gateway_refusals(run)
     started = time.monotonic()
     acknowledged = _fill(run)
     status_at_full = gateway_status(run)
     filled_s = time.monotonic() - started
+    refused_at_full = gateway_refusals(run)
 
-    # Agents are pushed back at their next window close: wait for them to spool.
+    # Agents are pushed back at their next window close: the gateway refuses them, they spool.
     peak_spooled: dict[str, int] = {}
 
     def pushed_back() -> bool:
         run.check()
         for node in run.running_agents():
             peak_spooled[node] = max(peak_spooled.get(node, 0), spooled_events(run, node))
-        return sum(1 for count in peak_spooled.values() if count) >= 2
+        spooling = sum(1 for node in run.running_agents() if spooled_events(run, node))
+        return gateway_refusals(run) - refused_at_full >= 2 and spooling >= 2
 
-    wait_until(pushed_back, timeout_s=60, what="the agents to be pushed back into their spools")
+    wait_until(pushed_back, timeout_s=60, what="the gateway to refuse the agents and them to spool")
     run.wait(run.settings.outage_s / 2)  # stay full a while; refused agents retry meanwhile
     for node in run.running_agents():
         peak_spooled[node] = max(peak_spooled.get(node, 0), spooled_events(run, node))
-    refusals = gateway_refusals(run) - refused_before
+    refusals = gateway_refusals(run) - refused_at_full
     stack.post(f"{stack.sink_url}/_sink/faults", {}, method="DELETE")
     drain_s = wait_drained(run, timeout_s=180)
     volume = run.gateway_volume
     return {
         "summary": (
             f"{volume} filled by {acknowledged} application events in {filled_s:.1f} s "
-            f"({status_at_full.get('bufferedBytes', '?')} bytes buffered); gateway refused "
-            f"{refusals:.0f} requests; {sum(1 for c in peak_spooled.values() if c)} agents spooled up "
-            f"to {max(peak_spooled.values(), default=0)} events; all drained {drain_s:.1f} s after the "
-            "API returned"
+            f"({status_at_full.get('bufferedBytes', '?')} bytes buffered); then the gateway refused "
+            f"the agents {refusals:.0f} times; {sum(1 for c in peak_spooled.values() if c)} agents spooled "
+            f"up to {max(peak_spooled.values(), default=0)} events; all drained {drain_s:.1f} s after "
+            "the API returned"
         ),
         "volume": volume,
         "application_events_acknowledged": acknowledged,

@@ -95,6 +95,7 @@ class ChaosRun:
     retired_agents: set[str] = field(default_factory=set)
     gateway_volume: str = ""
     node_to_delete: str = "kwok-gpu-1"
+    mount_volume: bool = True  # a tmpfs for the gateway's queue when this process may mount one
     added_meter: dict[str, Any] = field(default_factory=dict)
     _victims: list[str] = field(default_factory=list)
     _mounted: Path | None = None
@@ -183,7 +184,7 @@ class ChaosRun:
         path = self.stack.state / "gateway-volume"
         path.mkdir(parents=True, exist_ok=True)
         self.stack.gateway_data_dir = path
-        if os.geteuid() == 0 and shutil.which("mount"):
+        if self.mount_volume and os.geteuid() == 0 and shutil.which("mount"):
             mounted = subprocess.run(
                 ["mount", "-t", "tmpfs", "-o", f"size={VOLUME_BYTES}", "tmpfs", str(path)],
                 capture_output=True,
@@ -192,7 +193,7 @@ class ChaosRun:
             if mounted.returncode == 0:
                 self._mounted = path
                 return f"a {VOLUME_BYTES // 2**20} MiB tmpfs"
-        return "the state directory, capped by buffer.size (cannot mount a tmpfs here)"
+        return "the state directory, capped by buffer.size (no tmpfs mounted)"
 
     def _sync_configs(self) -> None:
         while not self._sync_stop.wait(1.0):
@@ -394,13 +395,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--faults", default="", help=f"comma-separated subset of: {', '.join(f.name for f in FAULTS)}"
     )
+    parser.add_argument(
+        "--no-mount",
+        action="store_true",
+        help="fill the gateway's byte cap, not a tmpfs, in the full-PV fault",
+    )
     parser.add_argument("--state", type=Path, default=REPO_ROOT / ".state" / "chaos")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "chaos" / "results")
     args = parser.parse_args(argv)
     chosen = [f for f in FAULTS if not args.faults or f.name in args.faults.split(",")]
     settings = SHORT if args.short else FULL
     started = time.monotonic()
-    run = ChaosRun(Stack(args.state.resolve()), settings, args.out.resolve())
+    run = ChaosRun(Stack(args.state.resolve()), settings, args.out.resolve(), mount_volume=not args.no_mount)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     result: dict[str, Any] = {}
     try:
