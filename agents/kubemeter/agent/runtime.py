@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kubemeter.agent.checkpoint import CheckpointStore
+from kubemeter.agent.http import serve
 from kubemeter.agent.meters import MeterRunner, World
 from kubemeter.agent.sources import build_source
 from kubemeter.agent.telemetry import Telemetry
@@ -84,8 +84,8 @@ class Agent:
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, self.stopping.set)
         credentials = KubeCredentials.load(self.kubeconfig)
-        async with aiohttp.ClientSession() as session:
-            api = KubeApi(credentials, session)
+        api = KubeApi(credentials)
+        try:
             pods = Informer(
                 api,
                 "/api/v1/pods",
@@ -101,12 +101,11 @@ class Agent:
             pods.objects.update(self.store.load_pods())
             pods.healthy_through_ms = self.store.last_heartbeat_ms() or 0
             self.world = World(self.config.cluster, self.node_name, pods, namespaces)
-            self.api, self.session, self.credentials = api, session, credentials
+            self.api, self.credentials = api, credentials
             self.kubelet = KubeletPoller(
                 self.config.interval_seconds * 1000,
                 self._kubelet_url,
                 lambda: credentials.token,
-                session,
                 on_error=self.telemetry.source_error,
             )
             background = [
@@ -115,7 +114,7 @@ class Agent:
                 asyncio.create_task(namespaces.run(), name="namespace watch"),
                 asyncio.create_task(self._refresh_node(), name="node"),
             ]
-            runner = await self._serve_http()
+            server = await self._serve_http()
             try:
                 metering = asyncio.create_task(self._meter(pods, namespaces, background), name="metering")
                 stop = asyncio.create_task(self.stopping.wait(), name="stop")
@@ -130,8 +129,10 @@ class Agent:
             finally:
                 for task in background + [task for _, task in self.runners.values()]:
                     task.cancel()
-                await runner.cleanup()
+                server.close()
                 self.store.close()
+        finally:
+            await api.close()
 
     def stop(self) -> None:
         """What SIGTERM does: stop metering, finish up (see :meth:`_shut_down`), return from run()."""
@@ -339,21 +340,15 @@ class Agent:
         )
         return not problems, report.to_wire()
 
-    async def _serve_http(self) -> web.AppRunner:
-        async def healthz(_: web.Request) -> web.Response:
+    async def _serve_http(self) -> asyncio.Server:
+        async def healthz() -> tuple[int, str, bytes]:
             if not hasattr(self, "world"):
-                return web.json_response({"problems": ["starting"]}, status=503)
+                return 503, "application/json", b'{"problems": ["starting"]}'
             ok, body = self.health()
-            return web.json_response(body, status=200 if ok else 503)
+            return (200 if ok else 503), "application/json", json.dumps(body).encode()
 
-        async def metrics(_: web.Request) -> web.Response:
-            body = generate_latest(self.telemetry.registry)
-            return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        async def metrics() -> tuple[int, str, bytes]:
+            return 200, CONTENT_TYPE_LATEST, generate_latest(self.telemetry.registry)
 
-        app = web.Application()
-        app.router.add_get(HEALTH_PATH, healthz)
-        app.router.add_get(METRICS_PATH, metrics)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, self.metrics_host, self.metrics_port).start()
-        return runner
+        routes = {HEALTH_PATH: healthz, METRICS_PATH: metrics}
+        return await serve(routes, self.metrics_host, self.metrics_port)

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
+import httpx
 
 from kubemeter.metering.pods import deletion_requested_ms
 from kubemeter.sources.kube import KubeApi, KubeApiError, WatchExpired
@@ -130,7 +130,14 @@ class Informer:
                 resource_version = None
             except asyncio.CancelledError:
                 raise
-            except (aiohttp.ClientError, KubeApiError, OSError, ValueError, TimeoutError) as error:
+            except (
+                httpx.HTTPError,
+                httpx.StreamError,
+                KubeApiError,
+                OSError,
+                ValueError,
+                TimeoutError,
+            ) as error:
                 self.touch()
                 self.healthy = False
                 self.last_error = f"{type(error).__name__}: {error}"

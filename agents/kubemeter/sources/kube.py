@@ -1,6 +1,6 @@
 """A small asyncio client for the Kubernetes API: GET, LIST and WATCH of raw JSON objects.
 
-Plain HTTP (aiohttp) instead of the official client, because the official client is blocking and
+Plain HTTP (httpx) instead of the official client, because the official client is blocking and
 deserialises into heavy model objects; the agent needs dicts, one event loop and no threads. Even
 importing the official client costs the agent ~30 MiB of RSS, so credentials are read here too.
 """
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
+import httpx
 import yaml
 
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
@@ -139,9 +139,19 @@ class KubeCredentials:
 
 
 class KubeApi:
-    def __init__(self, credentials: KubeCredentials, session: aiohttp.ClientSession) -> None:
+    def __init__(self, credentials: KubeCredentials) -> None:
         self.credentials = credentials
-        self.session = session
+        # Watches hold a connection each; reads wait up to the watch's own timeout (+30 s).
+        self.client = httpx.AsyncClient(
+            base_url=credentials.host,
+            verify=credentials.ssl_context,
+            timeout=httpx.Timeout(60.0, connect=10.0),
+            limits=httpx.Limits(max_connections=16, max_keepalive_connections=4),
+            trust_env=False,  # the API server is reached directly, as the official client does
+        )
+
+    async def close(self) -> None:
+        await self.client.aclose()
 
     def _headers(self) -> dict[str, str]:
         headers = {"Accept": "application/json"}
@@ -150,24 +160,18 @@ class KubeApi:
         return headers
 
     async def get(self, path: str, params: Mapping[str, str] | None = None) -> dict[str, Any]:
-        async with self.session.get(
-            self.credentials.host + path,
-            params=dict(params or {}),
-            headers=self._headers(),
-            ssl=self.credentials.ssl_context,
-            timeout=aiohttp.ClientTimeout(total=60),
-        ) as response:
-            body = await response.text()
-            if response.status == 410:
-                raise WatchExpired(body)
-            if response.status >= 400:
-                raise KubeApiError(
-                    response.status,
-                    f"GET {path} answered {response.status}: {body[:300]}; check the agent's RBAC "
-                    "(it needs get/list/watch on pods, namespaces and nodes)",
-                )
-            result: dict[str, Any] = json.loads(body)
-            return result
+        response = await self.client.get(path, params=dict(params or {}), headers=self._headers())
+        body = response.text
+        if response.status_code == 410:
+            raise WatchExpired(body)
+        if response.status_code >= 400:
+            raise KubeApiError(
+                response.status_code,
+                f"GET {path} answered {response.status_code}: {body[:300]}; check the agent's RBAC "
+                "(it needs list/watch on pods and namespaces and get on nodes)",
+            )
+        result: dict[str, Any] = json.loads(body)
+        return result
 
     async def watch(
         self, path: str, params: Mapping[str, str], resource_version: str, timeout_s: int = 300
@@ -180,20 +184,19 @@ class KubeApi:
             "allowWatchBookmarks": "true",
             "timeoutSeconds": str(timeout_s),
         }
-        async with self.session.get(
-            self.credentials.host + path,
+        async with self.client.stream(
+            "GET",
+            path,
             params=query,
             headers=self._headers(),
-            ssl=self.credentials.ssl_context,
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=timeout_s + 30),
+            timeout=httpx.Timeout(10.0, read=timeout_s + 30.0),
         ) as response:
-            if response.status == 410:
-                raise WatchExpired(await response.text())
-            if response.status >= 400:
-                raise KubeApiError(
-                    response.status, f"WATCH {path}: {response.status} {await response.text()}"
-                )
-            async for line in response.content:
+            if response.status_code >= 400:
+                body = (await response.aread()).decode(errors="replace")
+                if response.status_code == 410:
+                    raise WatchExpired(body)
+                raise KubeApiError(response.status_code, f"WATCH {path}: {response.status_code} {body}")
+            async for line in response.aiter_lines():
                 if not line.strip():
                     continue
                 event = json.loads(line)

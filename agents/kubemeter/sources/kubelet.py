@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Literal
 
-import aiohttp
+import httpx
 
 from kubemeter.metering.counters import CounterSample, counter_delta, first_delta, spread
 from kubemeter.metering.gauges import GaugeSample, integrate_gauge
@@ -96,13 +96,14 @@ class KubeletPoller:
         interval_ms: int,
         stats_url: Callable[[], str],
         token: Callable[[], str | None],
-        session: aiohttp.ClientSession,
         on_error: Callable[[str, BaseException], None] = lambda source, error: None,
     ) -> None:
         self.interval_ms = interval_ms
         self.stats_url = stats_url
         self.token = token
-        self.session = session
+        self.client = httpx.AsyncClient(
+            verify=kubelet_ssl_context(), timeout=max(5.0, interval_ms / 1000), trust_env=False
+        )
         self.on_error = on_error
         self.subscribers: list[KubeletUsageSource] = []
 
@@ -122,7 +123,7 @@ class KubeletPoller:
                 await asyncio.sleep(self.interval_ms / 1000)
             except asyncio.CancelledError:
                 raise
-            except (aiohttp.ClientError, OSError, TimeoutError, KubeletStatsError) as error:
+            except (httpx.HTTPError, OSError, TimeoutError, KubeletStatsError) as error:
                 reason = f"kubelet stats unavailable: {type(error).__name__}: {error}"
                 for source in self.subscribers:
                     source.last_error = reason
@@ -133,21 +134,16 @@ class KubeletPoller:
     async def _fetch(self) -> str:
         token = self.token()
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        async with self.session.get(
-            self.stats_url(),
-            headers=headers,
-            ssl=kubelet_ssl_context(),
-            timeout=aiohttp.ClientTimeout(total=max(5.0, self.interval_ms / 1000)),
-        ) as response:
-            body = await response.text()
-            if response.status in (401, 403):
-                raise KubeletStatsError(
-                    f"kubelet refused /stats/summary ({response.status}); grant the agent's "
-                    "ServiceAccount get on nodes/stats"
-                )
-            if response.status >= 400:
-                raise KubeletStatsError(f"kubelet answered {response.status}: {body[:200]}")
-            return body
+        response = await self.client.get(self.stats_url(), headers=headers)
+        body = response.text
+        if response.status_code in (401, 403):
+            raise KubeletStatsError(
+                f"kubelet refused /stats/summary ({response.status_code}); grant the agent's "
+                "ServiceAccount get on nodes/stats"
+            )
+        if response.status_code >= 400:
+            raise KubeletStatsError(f"kubelet answered {response.status_code}: {body[:200]}")
+        return body
 
 
 class KubeletUsageSource(Progress):

@@ -138,6 +138,7 @@ class StandInKubelet:
 
     def stop(self) -> None:
         self.server.shutdown()
+        self.server.server_close()  # free the node's kubelet address for the next test
 
 
 def test_kubelet_counter_reset_is_metered_exactly_and_a_gap_is_flagged(

@@ -107,7 +107,7 @@ def summary(uid: str, time_ms: int, cpu_ns: int) -> dict[str, tuple[str, str, An
 
 
 def test_kubelet_cpu_counter_with_a_reset_adds_up_exactly() -> None:
-    poller = KubeletPoller(1000, lambda: "", lambda: None, None)  # type: ignore[arg-type]
+    poller = KubeletPoller(1000, lambda: "", lambda: None)
     source = KubeletUsageSource("cpu", 10_000, 1000, T0, poller)
     for time_ms, value in [(T0 + 1_000, 1_000_000), (T0 + 2_000, 2_000_000), (T0 + 3_000, 500_000)]:
         source.ingest(summary("u", time_ms, value), time_ms)

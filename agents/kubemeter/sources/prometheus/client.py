@@ -125,11 +125,7 @@ class PrometheusClient:
         from urllib3.util.retry import Retry
 
         self.connection = connection
-        self._error: PrometheusError | None = None
-        try:
-            connection.verify()  # a missing CA or client certificate is reported with the fix
-        except PrometheusError as error:
-            self._error = error
+        connection.verify()  # a missing CA or client certificate fails here, with the fix
         # No retries inside the library: the source's poll loop retries with backoff and reports.
         self._prometheus = PrometheusConnect(
             url=connection.url.rstrip("/"),
@@ -148,8 +144,6 @@ class PrometheusClient:
 
     async def raw_samples(self, query: str, at_ms: int) -> list[Series]:
         """Evaluate a range-selector ``query`` at ``at_ms``: the stored samples, untouched."""
-        if self._error is not None:
-            raise self._error
         headers, basic_auth = self.connection.credentials()
         result = await asyncio.to_thread(self._query, query, at_ms, headers, basic_auth)
         return parse_result(result)
