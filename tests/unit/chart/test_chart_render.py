@@ -219,3 +219,10 @@ def test_optional_monitoring_and_network_policy(helm_home: Path) -> None:
     assert ports == {"metrics", "http"}  # agent and gateway port names in the operator's builders
     policy = find(docs, "NetworkPolicy")
     assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    # the operator reads gateways' /status and agents' /healthz: both must be reachable
+    reached = {
+        (rule["to"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"], rule["ports"][0]["port"])
+        for rule in policy["spec"]["egress"]
+        if rule.get("to") and "podSelector" in rule["to"][0]
+    }
+    assert reached == {("gateway", 8480), ("agent", "metrics")}
