@@ -4,13 +4,9 @@ node says its kubelet is; a counter reset is metered exactly and a gap is flagge
 from __future__ import annotations
 
 import json
-import ssl
-import subprocess
-import threading
 import time
 from datetime import UTC, datetime
 from decimal import Decimal
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +14,7 @@ import pytest
 
 from tests.integration.agent.agent_harness import AgentProcess, exact, meter
 from tests.support.controlplane import ControlPlane, wait_for
+from tests.support.kubelet_endpoint import KubeletEndpoint
 
 pytestmark = pytest.mark.integration
 
@@ -41,49 +38,8 @@ class StandInKubelet:
         self.t0_ms: int | None = None
         self.served: list[tuple[int, int, int]] = []  # (time ms, cpu core-ns, working set bytes)
         self.refused = 0
-        certdir.mkdir(parents=True, exist_ok=True)
-        self.cert, key = certdir / "kubelet.crt", certdir / "kubelet.key"
-        subprocess.run(
-            [
-                "openssl",
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-days",
-                "1",
-                "-subj",
-                "/CN=stand-in-kubelet",
-                "-addext",
-                f"subjectAltName=IP:{address}",
-                "-keyout",
-                str(key),
-                "-out",
-                str(self.cert),
-            ],
-            check=True,
-            capture_output=True,
-        )
-        kubelet = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                status, body = kubelet.answer(self.path, self.headers.get("Authorization", ""))
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.end_headers()
-                self.wfile.write(body.encode())
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer((address, port), Handler)
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(self.cert, key)
-        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+        self.endpoint = KubeletEndpoint(address, port, certdir, self.answer)
+        self.cert = self.endpoint.cert
 
     def answer(self, path: str, authorization: str) -> tuple[int, str]:
         if not path.startswith("/stats/summary") or not authorization.startswith("Bearer "):
@@ -137,8 +93,7 @@ class StandInKubelet:
         return Decimal(byte_ms).scaleb(-3)
 
     def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()  # free the node's kubelet address for the next test
+        self.endpoint.stop()
 
 
 def test_kubelet_counter_reset_is_metered_exactly_and_a_gap_is_flagged(

@@ -33,7 +33,6 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -46,6 +45,7 @@ from kubemeter_operator.builders.rbac import agent_cluster_role_rules, get_agent
 from kubemeter_operator.settings import OperatorSettings
 
 from tests.support.controlplane import REPO_ROOT, ControlPlane, FakeNode, free_port, wait_for
+from tests.support.kubelet_endpoint import KubeletEndpoint
 
 COLLECTOR = "metered"
 WINDOW_S = 10
@@ -211,36 +211,9 @@ class AuthorizingKubelet:
         self.pod = pod
         self.decisions: list[Decision] = []
         self.t0_ms = time.time_ns() // 1_000_000
-        certdir.mkdir(parents=True, exist_ok=True)
-        self.cert, key = certdir / "kubelet.crt", certdir / "kubelet.key"
-        subprocess.run(
-            [
-                *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
-                *("-subj", "/CN=stand-in-kubelet", "-addext", f"subjectAltName=IP:{node.internal_ip}"),
-                *("-keyout", str(key), "-out", str(self.cert)),
-            ],
-            check=True,
-            capture_output=True,
-        )
-        kubelet = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                status, body = kubelet.answer(self.path, self.headers.get("Authorization", ""))
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.end_headers()
-                self.wfile.write(body.encode())
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer((node.internal_ip, cluster.kubelet_ports[node.name]), Handler)
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(self.cert, key)
-        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+        port = cluster.kubelet_ports[node.name]
+        self.endpoint = KubeletEndpoint(node.internal_ip, port, certdir, self.answer)
+        self.cert = self.endpoint.cert
 
     @property
     def url(self) -> str:
@@ -325,8 +298,7 @@ class AuthorizingKubelet:
             return int(error.code)
 
     def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.endpoint.stop()
 
 
 class NoApiListener:

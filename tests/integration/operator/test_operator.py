@@ -126,7 +126,7 @@ def test_example_children_exist_with_owner_labels_rbac_mounts_and_config(
         "gpu-seconds",
         "memory-byte-seconds",
     ]
-    assert config["meters"][1]["processors"][2] == {"drop": ["team"]}
+    assert config["meters"][1]["processors"][-1] == {"drop": ["team"]}
     daemonset = get(cluster, "-n", namespace, "daemonset", f"{COLLECTOR}-agent")
     mounts = {
         m["name"]: m["mountPath"]
