@@ -860,6 +860,11 @@ class BufferDeletePolicy(StrEnum):
     DRAIN = "Drain"
 
 
+# Smaller, one agent batch (1000 events, ~0.7 MB) could not fit beside the queue's headroom and the
+# gateway would answer 503 to it forever.
+MIN_BUFFER_SIZE = "4Mi"
+
+
 class BufferSpec(SpecModel):
     """The gateway's durable buffer on a PersistentVolume."""
 
@@ -871,12 +876,18 @@ class BufferSpec(SpecModel):
                 "(!has(self.storageClassName) || self.storageClassName == oldSelf.storageClassName)",
                 "buffer.size and buffer.storageClassName cannot change once the volumes exist; create a new "
                 "Collector (with onDelete: Drain on the old one) to move to a new size or class",
-            )
+            ),
+            (
+                f"quantity(string(self.size)).compareTo(quantity('{MIN_BUFFER_SIZE}')) >= 0",
+                f"buffer.size must be at least {MIN_BUFFER_SIZE}: one agent batch (about 1 MB) must fit "
+                "in the buffer with room to spare; write for example 10Gi",
+            ),
         )
     )
 
     size: Quantity = Field(
-        default="10Gi", description="Capacity of each gateway replica's volume, e.g. 10Gi."
+        default="10Gi",
+        description=f"Capacity of each gateway replica's volume, e.g. 10Gi; at least {MIN_BUFFER_SIZE}.",
     )
     storage_class_name: str | None = Field(
         default=None, max_length=253, description="StorageClass of the volume; the cluster default if unset."
@@ -907,6 +918,16 @@ class BufferSpec(SpecModel):
             "name; Drain delivers every buffered event first, then deletes the volumes."
         ),
     )
+
+    @model_validator(mode="after")
+    def _size_holds_a_batch(self) -> BufferSpec:
+        # The same rule as the CRD's, for configs that never pass through the API server.
+        if quantity_to_bytes(self.size) < quantity_to_bytes(MIN_BUFFER_SIZE):
+            raise ValueError(
+                f"buffer.size must be at least {MIN_BUFFER_SIZE}: one agent batch (about 1 MB) must fit "
+                "in the buffer with room to spare; write for example 10Gi"
+            )
+        return self
 
 
 class ResourceRequirements(SpecModel):

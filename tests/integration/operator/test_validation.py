@@ -119,6 +119,11 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         "initialBackoffSeconds must not exceed maxBackoffSeconds",
     ),
     (
+        "collector-buffer-too-small",
+        resource("Collector", {"output": OUTPUT, "buffer": {"size": "1Mi"}}),
+        "buffer.size must be at least 4Mi",
+    ),
+    (
         "collector-bad-buffer-size",
         resource("Collector", {"output": OUTPUT, "buffer": {"size": "10GB"}}),
         "spec.buffer.size: Invalid value",
