@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from kubemeter.config import AgentConfig, GatewayConfig
+from kubemeter.api.rendered import AgentConfig, GatewayConfig
 
 from bench.bench_operator import (
     RssSampler,

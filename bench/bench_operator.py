@@ -33,7 +33,7 @@ from typing import Any
 
 import httpx
 import yaml
-from kubemeter.config import CollectorSpec
+from kubemeter.api.collector import CollectorSpec
 from kubemeter_operator.builders import CollectorRef, build_children
 from kubemeter_operator.settings import OperatorSettings
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from kubemeter.config import GatewayConfig
+from kubemeter.api.rendered import GatewayConfig
 from kubemeter.events import UsageEvent
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

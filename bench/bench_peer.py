@@ -40,7 +40,7 @@ from typing import Any
 
 import httpx
 import yaml
-from kubemeter.config import GatewayConfig
+from kubemeter.api.rendered import GatewayConfig
 
 from bench.bench_operator import RssSampler, kubemeter_process, mib, wait_until
 from tests.support.controlplane import REPO_ROOT, free_port

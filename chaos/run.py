@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from kubemeter.config import GatewayConfig
+from kubemeter.api.rendered import GatewayConfig
 
 from chaos.churn import Churn
 from chaos.faults import (

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from kubemeter.config import AgentConfig, GatewayConfig
+from kubemeter.api.rendered import AgentConfig, GatewayConfig
 
 from tests.support.controlplane import (
     REPO_ROOT,

@@ -1,5 +1,5 @@
 """kubemeter data plane: sources -> metering -> pipeline -> output.
 
-The control plane (``kubemeter_operator``) imports only :mod:`kubemeter.config` from here; nothing in
+The control plane (``kubemeter_operator``) imports only :mod:`kubemeter.api` from here; nothing in
 this package imports the operator.
 """

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from kubemeter.config import API_GROUP, API_VERSION
+from kubemeter.api.common import API_GROUP, API_VERSION
 from pydantic import BaseModel
 from pydantic.json_schema import GenerateJsonSchema, NoDefault
 from pydantic_core import core_schema

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 import kopf
-from kubemeter.config import API_GROUP, API_VERSION
+from kubemeter.api.common import API_GROUP, API_VERSION
 from prometheus_client import start_http_server
 
 from kubemeter_operator import runtime

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from kubemeter.config import (
+from kubemeter.api.rendered import (
     AGENT_METRICS_PORT,
     GATEWAY_PORT,
     GATEWAY_STATUS_PATH,

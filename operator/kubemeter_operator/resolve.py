@@ -7,14 +7,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubemeter.config import (
-    CollectorSpec,
-    LabelSelector,
-    LabelSelectorOperator,
-    MeterSpec,
-    PipelineSpec,
-    ResolvedMeter,
-)
+from kubemeter.api.collector import CollectorSpec
+from kubemeter.api.common import LabelSelector, LabelSelectorOperator
+from kubemeter.api.meter import MeterSpec
+from kubemeter.api.pipeline import PipelineSpec
+from kubemeter.api.rendered import ResolvedMeter
 from pydantic import ValidationError
 
 from kubemeter_operator.builders.configmap import secret_dir

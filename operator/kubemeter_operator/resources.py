@@ -1,4 +1,4 @@
-"""The custom resources: Meter, Collector and Pipeline wrap the spec models of :mod:`kubemeter.config`
+"""The custom resources: Meter, Collector and Pipeline wrap the spec models of :mod:`kubemeter.api`
 with a typed status, and say how ``kubectl`` shows them (printer columns, short names, category)."""
 
 from __future__ import annotations
@@ -8,7 +8,10 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from kubemeter.config import API_GROUP, API_VERSION, CollectorSpec, MeterSpec, PipelineSpec, SpecModel
+from kubemeter.api.collector import CollectorSpec
+from kubemeter.api.common import API_GROUP, API_VERSION, SpecModel
+from kubemeter.api.meter import MeterSpec
+from kubemeter.api.pipeline import PipelineSpec
 from pydantic import BaseModel, Field
 
 CATEGORY = "kubemeter"

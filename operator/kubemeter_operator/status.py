@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from kubemeter.config import AgentStatusReport, GatewayStatusReport
+from kubemeter.api.rendered import AgentStatusReport, GatewayStatusReport
 
 from kubemeter_operator.resolve import Problem
 from kubemeter_operator.resources import ConditionStatus

@@ -17,7 +17,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from kubemeter.config import AGENT_CONFIG_FILENAME, CONFIG_DIR, NODE_NAME_ENV, AgentConfig
+from kubemeter.api.rendered import AGENT_CONFIG_FILENAME, CONFIG_DIR, NODE_NAME_ENV, AgentConfig
 from kubemeter.output import EventOutput
 
 

@@ -12,7 +12,8 @@ from typing import Any
 from kubemeter.agent.checkpoint import CheckpointStore
 from kubemeter.agent.sources import build_source as build_source  # the map of spec.source to modules
 from kubemeter.agent.telemetry import Telemetry
-from kubemeter.config import LabelSelector, ResolvedMeter
+from kubemeter.api.common import LabelSelector
+from kubemeter.api.rendered import ResolvedMeter
 from kubemeter.events import UsageEvent, format_rfc3339
 from kubemeter.metering.ids import event_id
 from kubemeter.metering.windows import Window, window_containing, windows_between

@@ -27,7 +27,7 @@ from kubemeter.agent.http import serve
 from kubemeter.agent.meters import MeterRunner, World
 from kubemeter.agent.sources import build_source
 from kubemeter.agent.telemetry import Telemetry
-from kubemeter.config import HEALTH_PATH, METRICS_PATH, AgentConfig, AgentStatusReport, ResolvedMeter
+from kubemeter.api.rendered import HEALTH_PATH, METRICS_PATH, AgentConfig, AgentStatusReport, ResolvedMeter
 from kubemeter.metering.windows import next_boundary_ms, window_containing, windows_between
 from kubemeter.output import EventOutput
 from kubemeter.sources.allocation import held_interval

@@ -14,7 +14,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kubemeter.config import AgentConfig, ResolvedMeter
+from kubemeter.api.rendered import AgentConfig, ResolvedMeter
 from kubemeter.metering.pods import Basis
 from kubemeter.metering.windows import Window
 from kubemeter.sources.allocation import AllocationSource

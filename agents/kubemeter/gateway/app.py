@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from kubemeter.config import GatewayStatusReport
+from kubemeter.api.rendered import GatewayStatusReport
 from kubemeter.output.credentials import SecretFile
 from kubemeter.output.delivery import DeliveryCore
 from kubemeter.output.ingest import IngestError, read_cloudevents

@@ -13,7 +13,8 @@ from pathlib import Path
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from kubemeter.config import BufferFullPolicy, CloudEventsMode, GatewayConfig, OutputSpec, OutputType
+from kubemeter.api.collector import BufferFullPolicy, CloudEventsMode, OutputSpec, OutputType
+from kubemeter.api.rendered import GatewayConfig
 from kubemeter.gateway.app import GatewayApp
 from kubemeter.output.credentials import SecretFile
 from kubemeter.output.delivery import DeliveryCore, DeliveryPolicy, Sink

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 from kubemeter.events import UsageEvent
 
 if TYPE_CHECKING:
-    from kubemeter.config import AgentConfig
+    from kubemeter.api.rendered import AgentConfig
     from kubemeter.output.spool import LazySpoolOutput
 
 

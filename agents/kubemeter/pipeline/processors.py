@@ -40,7 +40,7 @@ class Processor:
 
 
 def compile_processors(specs: Sequence[Any], where: str) -> list[Processor]:
-    """From :class:`kubemeter.config.ProcessorSpec` objects (anything with those attributes)."""
+    """From :class:`kubemeter.api.pipeline.ProcessorSpec` objects (anything with those attributes)."""
     processors: list[Processor] = []
     for index, spec in enumerate(specs):
         at = f"{where}.processors[{index}]"

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from kubemeter.config import CollectorSpec, ResolvedMeter
+from kubemeter.api.collector import CollectorSpec
+from kubemeter.api.rendered import ResolvedMeter
 
 from kubemeter_operator.builders.agent import get_agent_daemonset
 from kubemeter_operator.builders.common import CollectorRef, Manifest, content_hash

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from kubemeter.config import (
+from kubemeter.api.collector import CollectorSpec
+from kubemeter.api.rendered import (
     AGENT_CONFIG_FILENAME,
     AGENT_METRICS_PORT,
     CONFIG_DIR,
@@ -13,7 +14,6 @@ from kubemeter.config import (
     HOST_PROC_DIR,
     NODE_NAME_ENV,
     POD_NAME_ENV,
-    CollectorSpec,
 )
 
 from kubemeter_operator.builders.common import CollectorRef, Manifest, labels, metadata, selector_labels

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from kubemeter.config import API_GROUP, API_VERSION
+from kubemeter.api.common import API_GROUP, API_VERSION
 
 MANAGED_BY = "kubemeter-operator"
 COLLECTOR_LABEL = f"{API_GROUP}/collector"

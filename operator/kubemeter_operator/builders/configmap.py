@@ -7,16 +7,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from kubemeter.config import (
+from kubemeter.api.collector import CollectorSpec
+from kubemeter.api.common import quantity_to_bytes
+from kubemeter.api.rendered import (
     AGENT_CONFIG_FILENAME,
     GATEWAY_CONFIG_FILENAME,
     GATEWAY_PORT,
     SECRETS_DIR,
     AgentConfig,
-    CollectorSpec,
     GatewayConfig,
     ResolvedMeter,
-    quantity_to_bytes,
 )
 
 from kubemeter_operator.builders.common import CollectorRef, Manifest, metadata

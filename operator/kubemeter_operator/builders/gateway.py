@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from kubemeter.config import (
+from kubemeter.api.collector import BufferDeletePolicy, CollectorSpec
+from kubemeter.api.rendered import (
     CONFIG_DIR,
     GATEWAY_CONFIG_FILENAME,
     GATEWAY_PORT,
     HEALTH_PATH,
     POD_NAME_ENV,
-    BufferDeletePolicy,
-    CollectorSpec,
 )
 
 from kubemeter_operator.builders.agent import container_security_context, http_probe

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kubemeter.config import API_GROUP
+from kubemeter.api.common import API_GROUP
 
 from kubemeter_operator.builders.common import (
     MANAGED_BY,

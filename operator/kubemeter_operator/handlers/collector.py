@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import kopf
-from kubemeter.config import BufferDeletePolicy, CollectorSpec
+from kubemeter.api.collector import BufferDeletePolicy, CollectorSpec
 from pydantic import ValidationError
 
 from kubemeter_operator import runtime

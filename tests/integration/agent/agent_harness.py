@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from kubemeter.config import AgentConfig
+from kubemeter.api.rendered import AgentConfig
 from kubemeter.events import UsageEvent
 
 REPO_ROOT = Path(__file__).resolve().parents[3]

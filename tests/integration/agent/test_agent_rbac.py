@@ -38,7 +38,9 @@ from typing import Any, NamedTuple
 
 import pytest
 import yaml
-from kubemeter.config import AgentConfig, CollectorSpec, GatewayConfig, MeterSpec, ResolvedMeter
+from kubemeter.api.collector import CollectorSpec
+from kubemeter.api.meter import MeterSpec
+from kubemeter.api.rendered import AgentConfig, GatewayConfig, ResolvedMeter
 from kubemeter_operator.builders import build_children
 from kubemeter_operator.builders.common import FIELD_MANAGER, CollectorRef
 from kubemeter_operator.builders.rbac import agent_cluster_role_rules, get_agent_cluster_role

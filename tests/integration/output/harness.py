@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 from aiohttp import web
-from kubemeter.config import GatewayConfig
+from kubemeter.api.rendered import GatewayConfig
 from kubemeter.events import UsageEvent
 from kubemeter.output.credentials import SecretFile
 from kubemeter.output.delivery import DeliveryPolicy

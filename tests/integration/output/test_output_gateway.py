@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 from aiohttp import web
-from kubemeter.config import AgentConfig
+from kubemeter.api.rendered import AgentConfig
 from kubemeter.output import OutputFullError, agent_output
 from kubemeter.output.dead_letters import list_dead_letters
 from kubemeter.output.queue import DurableQueue, QueueRecord

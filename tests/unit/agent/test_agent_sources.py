@@ -13,7 +13,7 @@ from typing import Any, cast
 import pytest
 from kubemeter.agent.meters import World
 from kubemeter.agent.sources import UnbuildableSource, build_source
-from kubemeter.config import AgentConfig, ResolvedMeter
+from kubemeter.api.rendered import AgentConfig, ResolvedMeter
 from kubemeter.sources.kubelet import KubeletPoller
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -125,7 +125,7 @@ import json, sys
 from types import SimpleNamespace
 import kubemeter.agent.runtime
 from kubemeter.agent.sources import build_source
-from kubemeter.config import AgentConfig, ResolvedMeter
+from kubemeter.api.rendered import AgentConfig, ResolvedMeter
 meter = ResolvedMeter.model_validate(json.loads({json.dumps(json.dumps(resolved(SOURCES[kind]).to_wire()))}))
 config = AgentConfig.model_validate(json.loads({json.dumps(json.dumps(CONFIG.to_wire()))}))
 world = SimpleNamespace(node_name="n", pods=SimpleNamespace(objects={{}}))

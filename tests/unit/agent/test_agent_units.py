@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 from kubemeter.agent.checkpoint import CheckpointStore
 from kubemeter.agent.meters import json_number, selector_matches
-from kubemeter.config import LabelSelector, ProcessorSpec
+from kubemeter.api.common import LabelSelector
+from kubemeter.api.pipeline import ProcessorSpec
 from kubemeter.metering.windows import Window
 from kubemeter.pipeline import CelError, EventShaper, Expression, compile_processors, run_processors
 from kubemeter.sources.informer import CachedObject

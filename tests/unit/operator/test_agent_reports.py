@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from kubemeter.config import AgentStatusReport
+from kubemeter.api.rendered import AgentStatusReport
 from kubemeter_operator.reconcile import agent_report_urls, read_agent_reports
 
 from tests.support.controlplane import free_port

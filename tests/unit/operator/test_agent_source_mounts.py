@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from kubemeter.config import HOST_PROC_DIR, CollectorSpec
+from kubemeter.api.collector import CollectorSpec
+from kubemeter.api.rendered import HOST_PROC_DIR
 from kubemeter_operator.builders.agent import get_agent_daemonset
 from kubemeter_operator.builders.common import CollectorRef
 from kubemeter_operator.settings import OperatorSettings

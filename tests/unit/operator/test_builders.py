@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import yaml
-from kubemeter.config import AgentConfig, CollectorSpec, GatewayConfig, MeterSpec, ResolvedMeter
+from kubemeter.api.collector import CollectorSpec
+from kubemeter.api.meter import MeterSpec
+from kubemeter.api.rendered import AgentConfig, GatewayConfig, ResolvedMeter
 from kubemeter_operator.builders import build_children
 from kubemeter_operator.builders.common import COLLECTOR_LABEL, CollectorRef
 from kubemeter_operator.builders.rbac import AGENT_CLUSTER_ROLE, get_agent_cluster_role

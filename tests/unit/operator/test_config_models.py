@@ -5,14 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from kubemeter.config import (
-    AgentConfig,
-    CollectorSpec,
-    MeterSpec,
-    PipelineSpec,
-    ProcessorSpec,
-    quantity_to_bytes,
-)
+from kubemeter.api.collector import CollectorSpec
+from kubemeter.api.common import quantity_to_bytes
+from kubemeter.api.meter import MeterSpec
+from kubemeter.api.pipeline import PipelineSpec, ProcessorSpec
+from kubemeter.api.rendered import AgentConfig
 from pydantic import ValidationError
 
 GPU_METER: dict[str, Any] = {

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 import yaml
-from kubemeter.config import AgentConfig, CollectorSpec, GatewayConfig
+from kubemeter.api.collector import CollectorSpec
+from kubemeter.api.rendered import AgentConfig, GatewayConfig
 from kubemeter_operator.builders import build_children
 from kubemeter_operator.builders.common import CollectorRef
 from kubemeter_operator.resolve import ObjectView, referenced_secrets, resolve_namespace

@@ -180,7 +180,7 @@ def test_unchanged_situation_yields_an_identical_status() -> None:
 
 
 def test_a_source_fault_an_agent_reports_degrades_the_collector_but_keeps_it_ready() -> None:
-    from kubemeter.config import AgentStatusReport
+    from kubemeter.api.rendered import AgentStatusReport
 
     counts = ({"desired": 2, "ready": 2}, {"desired": 1, "ready": 1})
     reports = [

@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
-from kubemeter.config import OutputSpec
+from kubemeter.api.collector import OutputSpec
 from kubemeter.events import UsageEvent
 from kubemeter.gateway.main import sink_for
 from kubemeter.output.delivery import DeliveryOutcome, UnencodableEvent, retry_after_seconds, standard_verdict

@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from kubemeter.config import LagoOutputSpec
+from kubemeter.api.collector import LagoOutputSpec
 from kubemeter.output.delivery import (
     DeliveryOutcome,
     EncodedRequest,

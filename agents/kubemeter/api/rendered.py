@@ -1,0 +1,156 @@
+"""The files the operator renders into each Collector's ConfigMap, and the status reports the
+operator reads from agents and gateways."""
+
+from __future__ import annotations
+
+import yaml
+from pydantic import Field
+
+from kubemeter.api.collector import BufferSpec, OutputSpec
+from kubemeter.api.common import SpecModel
+from kubemeter.api.meter import MeterSpec
+from kubemeter.api.pipeline import ProcessorSpec
+
+# Where the operator mounts the rendered ConfigMap, and the file names inside it.
+CONFIG_DIR = "/etc/kubemeter/config"
+AGENT_CONFIG_FILENAME = "agent.yaml"
+GATEWAY_CONFIG_FILENAME = "gateway.yaml"
+# Secrets named by a spec are mounted as directories here, one file per key.
+SECRETS_DIR = "/etc/kubemeter/secrets"
+# The host's /proc, mounted read-only into agents: NVML reports host PIDs, mapped to pods through it.
+HOST_PROC_DIR = "/host/proc"
+
+# Environment the operator sets on agent pods (the config file is shared by every node).
+NODE_NAME_ENV = "KUBEMETER_NODE_NAME"
+POD_NAME_ENV = "KUBEMETER_POD_NAME"
+
+# Ports. The gateway serves ingest, /healthz, /metrics and /status on one port; the agent serves
+# /healthz and /metrics.
+GATEWAY_PORT = 8480
+AGENT_METRICS_PORT = 9464
+HEALTH_PATH = "/healthz"
+METRICS_PATH = "/metrics"
+GATEWAY_STATUS_PATH = "/status"
+
+# ---------------------------------------------------------------------------------------------------
+# Rendered files (ConfigMap content) and the gateway's status report
+
+
+class ResolvedMeter(SpecModel):
+    """A Meter as the agent runs it: its spec plus the processors of the Pipeline that binds it."""
+
+    name: str = Field(description="The Meter's name.")
+    namespace: str = Field(description="The Meter's namespace.")
+    uid: str = Field(description="The Meter's uid; part of every event id, so a recreated Meter is new.")
+    pipeline: str = Field(description="Name of the Pipeline that binds this Meter to the Collector.")
+    spec: MeterSpec = Field(description="The Meter's spec.")
+    processors: list[ProcessorSpec] = Field(default_factory=list, description="The Pipeline's processors.")
+    credentials_dir: str | None = Field(
+        default=None, description="Directory holding the keys of the source's credentials Secret, if any."
+    )
+
+
+class AgentConfig(SpecModel):
+    """``agent.yaml``: read by ``kubemeter agent``, reloaded when the file changes (no restart)."""
+
+    cluster: str = Field(description="Cluster name; CloudEvent source is kubemeter/<cluster>.")
+    collector: str = Field(description="Name of the Collector this agent belongs to.")
+    namespace: str = Field(description="Namespace of the Collector.")
+    meters: list[ResolvedMeter] = Field(default_factory=list, description="Meters to run, sorted by name.")
+    gateway_url: str = Field(
+        description="Where the agent forwards events, e.g. http://c-gateway.ns.svc:8480."
+    )
+    interval_seconds: int = Field(default=15, ge=1, description="How often sources are read.")
+    spool_dir: str = Field(description="hostPath directory for the node-local spool.")
+    checkpoint_dir: str = Field(description="hostPath directory for per (meter, pod) checkpoints.")
+    spool_max_bytes: int = Field(default=256 * 2**20, ge=1, description="Spool cap before pushing back.")
+    metrics_port: int = Field(default=AGENT_METRICS_PORT, description="Port for /healthz and /metrics.")
+    pod_resources_socket: str = Field(
+        default="/var/lib/kubelet/pod-resources/kubelet.sock", description="Kubelet PodResources socket."
+    )
+    host_proc_dir: str = Field(
+        default=HOST_PROC_DIR, description="The host's /proc, to map the host PIDs NVML reports to pods."
+    )
+    kubelet_url: str | None = Field(
+        default=None,
+        description="Kubelet base URL; unset means the InternalIP and kubelet port in the Node's status "
+        "(the kubelet authorises /stats as nodes/stats; the API server's node proxy is not used).",
+    )
+    ingest_token_file: str | None = Field(
+        default=None,
+        description=(
+            "File holding the gateway's ingest token (gateway.ingestTokenSecretRef, mounted); its first "
+            "line is sent as Authorization: Bearer, re-read when the file changes."
+        ),
+    )
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_wire(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> AgentConfig:
+        return cls.model_validate(yaml.safe_load(text))
+
+
+class GatewayConfig(SpecModel):
+    """``gateway.yaml``: read by ``kubemeter gateway``."""
+
+    cluster: str = Field(description="Cluster name; CloudEvent source is kubemeter/<cluster>.")
+    collector: str = Field(description="Name of the Collector this gateway belongs to.")
+    namespace: str = Field(description="Namespace of the Collector.")
+    output: OutputSpec = Field(description="Where events are delivered.")
+    credentials_file: str | None = Field(
+        default=None, description="File holding the credential named by output.credentialsSecretRef."
+    )
+    buffer: BufferSpec = Field(default_factory=BufferSpec, description="Buffer policy.")
+    buffer_max_bytes: int = Field(ge=1, description="buffer.size in bytes: the cap of the on-disk queue.")
+    data_dir: str = Field(description="Directory on the PersistentVolume for the queue.")
+    ingest_token_file: str | None = Field(
+        default=None,
+        description=(
+            "File holding the accepted ingest tokens, one per line (gateway.ingestTokenSecretRef, "
+            "mounted), re-read when it changes; unset means ingest is not authenticated."
+        ),
+    )
+    listen_address: str = Field(
+        default=f"0.0.0.0:{GATEWAY_PORT}", description="host:port for ingest, /healthz, /metrics, /status."
+    )
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_wire(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> GatewayConfig:
+        return cls.model_validate(yaml.safe_load(text))
+
+
+class GatewayStatusReport(SpecModel):
+    """The JSON body of ``GET /status`` on a gateway replica; the operator copies it into the Collector's
+    status (summed over replicas)."""
+
+    buffered_events: int = Field(default=0, ge=0, description="Events on disk not yet delivered.")
+    buffered_bytes: int = Field(default=0, ge=0, description="Bytes of those events.")
+    oldest_event_age_seconds: float = Field(default=0, ge=0, description="Age of the oldest buffered event.")
+    delivered_events: int = Field(default=0, ge=0, description="Events the billing API accepted, ever.")
+    dead_lettered_events: int = Field(default=0, ge=0, description="Events the billing API refused, ever.")
+    last_delivery_error: str | None = Field(default=None, description="The latest delivery failure, if any.")
+    paused_reason: str | None = Field(
+        default=None, description="Set while delivery is paused, e.g. credentials refused (401/403)."
+    )
+
+
+class AgentStatusReport(SpecModel):
+    """The JSON body of ``GET /healthz`` on an agent; the operator gathers ``sourceFaults`` from every
+    agent into the Collector's status."""
+
+    node: str = Field(description="The node the agent runs on.")
+    problems: list[str] = Field(
+        default_factory=list, description="Why the agent is unhealthy (its pod watch is down, ...)."
+    )
+    source_faults: dict[str, str] = Field(
+        default_factory=dict,
+        description="Meter (namespace/name) -> why its source is behind; its windows are flagged meanwhile.",
+    )
+    meters: dict[str, str] = Field(
+        default_factory=dict, description="Meter (namespace/name) -> ok, or why closing its windows failed."
+    )
