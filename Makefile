@@ -46,15 +46,15 @@ crds: setup ## regenerate crds/ from the pydantic models
 
 cluster-up: setup tools ## start the local control plane in the background; kubeconfig in .kube/config
 	@mkdir -p .state
-	@nohup $(BIN)/python -m tests.support.controlplane up > .state/cluster-up.log 2>&1 &
+	@nohup $(BIN)/python -m testbed.controlplane up > .state/cluster-up.log 2>&1 &
 	@for i in $$(seq 1 240); do \
 	  if grep -q "control plane up" .state/cluster-up.log 2>/dev/null; then cat .state/cluster-up.log; \
 	    echo "try: kubectl --kubeconfig .kube/config get nodes"; exit 0; fi; \
-	  if ! pgrep -f "tests.support.controlplane up" >/dev/null; then cat .state/cluster-up.log; exit 1; fi; \
+	  if ! pgrep -f "testbed.controlplane up" >/dev/null; then cat .state/cluster-up.log; exit 1; fi; \
 	  sleep 0.5; done; echo "control plane not up after 120 s; see .state/cluster-up.log"; exit 1
 
 cluster-down: ## stop the local control plane and remove its state
-	@$(BIN)/python -m tests.support.controlplane down
+	@$(BIN)/python -m testbed.controlplane down
 
 bench: setup ## every benchmark side by side; prints a table, writes bench/results/latest.json
 	$(BIN)/python -m bench.run $(BENCH_ARGS)

@@ -37,7 +37,7 @@ from bench.bench_operator import (
     mib,
     wait_until,
 )
-from tests.support.controlplane import REPO_ROOT, ControlPlane, FakeNode, free_port
+from testbed.controlplane import REPO_ROOT, ControlPlane, FakeNode, free_port
 
 EXAMPLE = REPO_ROOT / "examples" / "gpu-chargeback.yaml"
 INTERVAL_S = 10

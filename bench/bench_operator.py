@@ -37,7 +37,7 @@ from kubemeter.api.collector import CollectorSpec
 from kubemeter_operator.builders import CollectorRef, build_children
 from kubemeter_operator.settings import OperatorSettings
 
-from tests.support.controlplane import REPO_ROOT, ControlPlane, FakeNode
+from testbed.controlplane import REPO_ROOT, ControlPlane, FakeNode
 
 EXAMPLE = REPO_ROOT / "examples" / "gpu-chargeback.yaml"
 CHILDREN_GOAL_S = 2.0

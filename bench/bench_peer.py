@@ -43,7 +43,7 @@ import yaml
 from kubemeter.api.rendered import GatewayConfig
 
 from bench.bench_operator import RssSampler, kubemeter_process, mib, wait_until
-from tests.support.controlplane import REPO_ROOT, free_port
+from testbed.controlplane import REPO_ROOT, free_port
 
 BUILD_SCRIPT = REPO_ROOT / "tools" / "peer" / "build.sh"
 BATCH_EVENTS = 100

@@ -45,7 +45,7 @@ from chaos.faults import (
 )
 from chaos.verdict import WINDOW_MS, judge, judge_filler, stored_usage_events
 from demo.harness import NAMESPACE, Stack, wait_until
-from tests.support.controlplane import REPO_ROOT
+from testbed.controlplane import REPO_ROOT
 
 MANIFESTS = Path(__file__).with_name("manifests.yaml")
 CUSTOMERS = {"chaos-acme": "acme", "chaos-globex": "globex"}

@@ -1,6 +1,6 @@
 """The whole kubemeter stack on this machine, as ``make demo`` and ``make chaos`` run it.
 
-A real control plane (:class:`~tests.support.controlplane.ControlPlane`: etcd, kube-apiserver,
+A real control plane (:class:`~testbed.controlplane.ControlPlane`: etcd, kube-apiserver,
 controllers, kwok nodes) with the CRDs installed; ``kubemeter sink`` as the billing API; the operator;
 and, as local processes, the parts that would run in pods the operator renders: one gateway and one
 agent per fake node (kwok nodes run no containers). Each gets the configuration the operator rendered
@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 from kubemeter.api.rendered import AgentConfig, GatewayConfig
 
-from tests.support.controlplane import (
+from testbed.controlplane import (
     REPO_ROOT,
     Component,
     ControlPlane,
@@ -403,7 +403,7 @@ class _KubemeterProcess(Component):
 
 
 def wait_until(predicate: Any, timeout_s: float, what: str, interval_s: float = 0.25) -> Any:
-    """:func:`~tests.support.controlplane.wait_for`, also ending on OSError (a server still down)."""
+    """:func:`~testbed.controlplane.wait_for`, also ending on OSError (a server still down)."""
 
     def guarded() -> Any:
         try:

@@ -33,7 +33,7 @@ import yaml
 from kubemeter.api.rendered import AgentConfig, GatewayConfig
 
 from demo.harness import NAMESPACE, Stack
-from tests.support.controlplane import REPO_ROOT, wait_for
+from testbed.controlplane import REPO_ROOT, wait_for
 
 EXAMPLE = REPO_ROOT / "examples" / "gpu-chargeback.yaml"
 GRACE_S = 30  # the default terminationGracePeriodSeconds: deletionTimestamp = request + grace

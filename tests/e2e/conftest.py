@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
+from testbed.controlplane import ControlPlane, tools_bin_dir
 from tests.support.ci import unavailable
-from tests.support.controlplane import ControlPlane, tools_bin_dir
 
 
 @dataclass(frozen=True)

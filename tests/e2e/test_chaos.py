@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from chaos.faults import FAULTS
+from testbed.controlplane import REPO_ROOT, missing_binaries, tools_bin_dir
 from tests.support.ci import unavailable
-from tests.support.controlplane import REPO_ROOT, missing_binaries, tools_bin_dir
 
 pytestmark = pytest.mark.integration
 

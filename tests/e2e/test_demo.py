@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.controlplane import REPO_ROOT
+from testbed.controlplane import REPO_ROOT
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.controlplane import REPO_ROOT, wait_for
+from testbed.controlplane import REPO_ROOT, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.controlplane import REPO_ROOT, ControlPlane, wait_for
+from testbed.controlplane import REPO_ROOT, ControlPlane, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -211,7 +211,7 @@ def test_a_killed_test_process_leaves_no_control_plane_process_behind(tmp_path: 
     script = (
         "import sys, time\n"
         "from pathlib import Path\n"
-        "from tests.support.controlplane import ControlPlane\n"
+        "from testbed.controlplane import ControlPlane\n"
         "plane = ControlPlane(Path(sys.argv[1]))\n"
         "plane.start()\n"
         "print(' '.join(str(c.process.pid) for c in plane.components), flush=True)\n"

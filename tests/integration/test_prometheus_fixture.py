@@ -10,8 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from testbed.controlplane import wait_for
 from tests.plugins.prometheus import PrometheusFactory
-from tests.support.controlplane import wait_for
 
 pytestmark = pytest.mark.prometheus
 

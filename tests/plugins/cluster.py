@@ -1,4 +1,4 @@
-"""pytest plugin: the real local control plane (see :mod:`tests.support.controlplane`).
+"""pytest plugin: the real local control plane (see :mod:`testbed.controlplane`).
 
 Fixtures: ``cluster`` (session-wide :class:`ControlPlane`), ``namespace`` (a fresh namespace per
 test, deleted afterwards). With ``CI=true`` a control plane that cannot start fails the tests that
@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
+from testbed.controlplane import ControlPlane, ControlPlaneError, missing_binaries, tools_bin_dir
 from tests.support.ci import unavailable
-from tests.support.controlplane import ControlPlane, ControlPlaneError, missing_binaries, tools_bin_dir
 
 _planes: list[ControlPlane] = []
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
+from testbed.controlplane import free_port
 from tests.support.ci import unavailable
-from tests.support.controlplane import free_port
 
 PrometheusFactory = Callable[..., str]
 

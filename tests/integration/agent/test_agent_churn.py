@@ -19,8 +19,8 @@ from kubemeter.metering.ids import event_id
 from kubemeter.metering.quantities import parse_quantity_milli
 from kubernetes import client, config
 
+from testbed.controlplane import ControlPlane, wait_for
 from tests.integration.agent.agent_harness import AgentProcess, exact, meter
-from tests.support.controlplane import ControlPlane, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -29,9 +29,9 @@ import yaml
 from kubemeter.sources.podresources.generated import api_pb2 as pb
 from kubemeter.sources.podresources.generated import api_pb2_grpc as pb_grpc
 
+from testbed.controlplane import ControlPlane, FakeNode, wait_for
 from tests.integration.agent.agent_harness import AgentProcess, exact, meter
 from tests.plugins.prometheus import PrometheusFactory
-from tests.support.controlplane import ControlPlane, FakeNode, wait_for
 from tests.support.dcgm_exporter import DcgmExporter, Gpu
 from tests.support.runai_emulator import RunaiEmulator
 

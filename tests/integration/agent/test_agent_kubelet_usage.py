@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
+from testbed.controlplane import ControlPlane, wait_for
 from tests.integration.agent.agent_harness import AgentProcess, exact, meter
-from tests.support.controlplane import ControlPlane, wait_for
 from tests.support.kubelet_endpoint import KubeletEndpoint
 
 pytestmark = pytest.mark.integration

@@ -46,7 +46,7 @@ from kubemeter_operator.builders.common import FIELD_MANAGER, CollectorRef
 from kubemeter_operator.builders.rbac import agent_cluster_role_rules, get_agent_cluster_role
 from kubemeter_operator.settings import OperatorSettings
 
-from tests.support.controlplane import REPO_ROOT, ControlPlane, FakeNode, free_port, wait_for
+from testbed.controlplane import REPO_ROOT, ControlPlane, FakeNode, free_port, wait_for
 from tests.support.kubelet_endpoint import KubeletEndpoint
 
 COLLECTOR = "metered"

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from testbed.controlplane import ControlPlane, wait_for
 from tests.integration.agent.agent_harness import AgentProcess, exact, meter
 from tests.integration.agent.test_agent_churn import seconds_ms
-from tests.support.controlplane import ControlPlane, wait_for
 
 pytestmark = pytest.mark.integration
 

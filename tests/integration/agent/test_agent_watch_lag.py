@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from testbed.controlplane import ControlPlane
 from tests.integration.agent.agent_harness import AgentProcess, meter
 from tests.integration.agent.test_agent_churn import (
     METERS,
@@ -21,7 +22,6 @@ from tests.integration.agent.test_agent_churn import (
     check_against_truth,
     wait_until_all_windows_closed,
 )
-from tests.support.controlplane import ControlPlane
 from tests.support.lagproxy import lagging
 
 pytestmark = pytest.mark.integration

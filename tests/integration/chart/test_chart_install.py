@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 import pytest
 
-from tests.support.controlplane import REPO_ROOT, ControlPlane, free_port, wait_for
+from testbed.controlplane import REPO_ROOT, ControlPlane, free_port, wait_for
 from tests.unit.chart.chart_tools import CHART_DIR, helm
 
 pytestmark = pytest.mark.integration

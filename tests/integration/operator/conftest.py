@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.controlplane import ControlPlane, free_port, wait_for
+from testbed.controlplane import ControlPlane, free_port, wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 

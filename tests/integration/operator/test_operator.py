@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import yaml
 
+from testbed.controlplane import ControlPlane, wait_for
 from tests.integration.operator.conftest import REPO_ROOT, OperatorProcess, condition, get
-from tests.support.controlplane import ControlPlane, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.support.controlplane import REPO_ROOT, ControlPlane
+from testbed.controlplane import REPO_ROOT, ControlPlane
 
 pytestmark = pytest.mark.integration
 

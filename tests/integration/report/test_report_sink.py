@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.controlplane import REPO_ROOT, free_port, wait_for
+from testbed.controlplane import REPO_ROOT, free_port, wait_for
 
 GIB_HOUR = 3600 * 2**30
 H100, H200, A100 = "NVIDIA-H100-80GB-HBM3", "NVIDIA-H200", "NVIDIA-A100-SXM4-80GB"

@@ -18,8 +18,8 @@ from typing import Any
 
 import yaml
 
+from testbed.controlplane import REPO_ROOT, tools_bin_dir
 from tests.support.ci import unavailable
-from tests.support.controlplane import REPO_ROOT, tools_bin_dir
 
 CHART_DIR = REPO_ROOT / "charts" / "kubemeter"
 CRD_DIR = REPO_ROOT / "crds"

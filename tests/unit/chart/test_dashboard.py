@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 
-from tests.support.controlplane import REPO_ROOT
+from testbed.controlplane import REPO_ROOT
 
 DASHBOARD = REPO_ROOT / "dashboards" / "kubemeter.json"
 METRIC = re.compile(r"\bkubemeter_[a-z_]+")

@@ -14,8 +14,8 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from testbed.controlplane import REPO_ROOT
 from tests.support.ci import unavailable
-from tests.support.controlplane import REPO_ROOT
 
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 HADOLINT_CONFIG = REPO_ROOT / ".hadolint.yaml"

@@ -11,7 +11,7 @@ import pytest
 from kubemeter.api.rendered import AgentStatusReport
 from kubemeter_operator.reconcile import agent_report_urls, read_agent_reports
 
-from tests.support.controlplane import free_port
+from testbed.controlplane import free_port
 
 
 def agent_pod(ip: str | None, ready: bool) -> dict[str, object]:

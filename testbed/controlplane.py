@@ -3,8 +3,8 @@ kube-scheduler and kwok (fake nodes whose pods reach Running), all on loopback, 
 
 Used by the pytest plugin (``tests/plugins/cluster.py``) and by people::
 
-    python -m tests.support.controlplane up --state .state/cluster --kubeconfig .kube/config
-    python -m tests.support.controlplane down --state .state/cluster
+    python -m testbed.controlplane up --state .state/cluster --kubeconfig .kube/config
+    python -m testbed.controlplane down --state .state/cluster
 
 Binaries come from ``tools/build.sh`` (built from the wrapper Go modules under ``tools/``).
 PersistentVolumeClaims of the default StorageClass ``standard`` are bound by a small provisioner that
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 ADMIN_USER = "kubemeter-test-admin"
 STORAGE_CLASS = "standard"
 
@@ -664,7 +664,7 @@ def _down(state: Path, kubeconfig: Path) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.support.controlplane")
+    parser = argparse.ArgumentParser(prog="python -m testbed.controlplane")
     parser.add_argument("action", choices=["up", "down"])
     parser.add_argument("--state", type=Path, default=REPO_ROOT / ".state" / "cluster")
     parser.add_argument("--kubeconfig", type=Path, default=REPO_ROOT / ".kube" / "config")
