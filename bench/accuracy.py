@@ -28,6 +28,8 @@ from kubemeter.metering.pods import billable_interval, effective_quantity_milli
 from kubemeter.metering.quantities import parse_quantity_milli
 from kubemeter.metering.windows import split_by_windows
 
+ABOUT = "allocation accuracy against the OpenMeter-collector and OpenCost methods"
+
 TRACE_START_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 WINDOW_MS = 60_000
 

@@ -39,6 +39,8 @@ from bench.bench_operator import (
 )
 from testbed.controlplane import REPO_ROOT, ControlPlane, FakeNode, free_port
 
+ABOUT = "agent CPU and RSS at 110 and 500 pods per node"
+
 EXAMPLE = REPO_ROOT / "examples" / "gpu-chargeback.yaml"
 INTERVAL_S = 10
 WINDOW_S = 60

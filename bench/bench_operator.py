@@ -39,6 +39,8 @@ from kubemeter_operator.settings import OperatorSettings
 
 from testbed.controlplane import REPO_ROOT, ControlPlane, FakeNode
 
+ABOUT = "operator convergence and RSS"
+
 EXAMPLE = REPO_ROOT / "examples" / "gpu-chargeback.yaml"
 CHILDREN_GOAL_S = 2.0
 CONVERGE_GOAL_S = 60.0

@@ -30,6 +30,8 @@ import aiohttp
 from kubemeter.api.rendered import GatewayConfig
 from kubemeter.events import UsageEvent
 
+ABOUT = "gateway ingest, ack latency, drain, disk bytes per event"
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 INGEST_EVENTS = 200_000  # per round
 ROUNDS = 3

@@ -45,6 +45,8 @@ from kubemeter.api.rendered import GatewayConfig
 from bench.bench_operator import RssSampler, kubemeter_process, mib, wait_until
 from testbed.controlplane import REPO_ROOT, free_port
 
+ABOUT = "a peer pipeline (Bento) on the same sink"
+
 BUILD_SCRIPT = REPO_ROOT / "tools" / "peer" / "build.sh"
 BATCH_EVENTS = 100
 SENDERS = 8

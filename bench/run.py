@@ -1,10 +1,12 @@
 """``make bench``: every benchmark in one run, side by side, printed as a table and written to
 ``bench/results/latest.json``.
 
-Each module listed in :data:`SUITES` has ``run() -> list[dict]`` returning figures
-``{name, value, unit, baseline}``. Yardsticks run first so kubemeter's throughput can be stated as
-a fraction of what this disk and this loopback do at all; this machine is shared and noisy, so read
-ratios measured in the same run, not absolute numbers.
+The suites are a registry: :func:`suites` lists ``bench/yardsticks.py`` and ``bench/accuracy.py``
+first, then every ``bench/bench_*.py`` in name order. A suite is a module with ``ABOUT`` (one line:
+what it measures) and ``run() -> list[dict]`` returning figures ``{name, value, unit, baseline}``;
+adding a file is all it takes to join ``make bench`` (``--only NAME`` runs some). Every figure names
+its baseline: a goal, ground truth, a yardstick or the peer's figure measured in the same run. This
+machine is shared and noisy, so read ratios measured side by side, not absolute numbers.
 """
 
 from __future__ import annotations
@@ -24,15 +26,15 @@ from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-# module, what it measures
-SUITES: list[tuple[str, str]] = [
-    ("bench.yardsticks", "physical yardsticks: fsync, batched SQLite insert, loopback HTTP"),
-    ("bench.accuracy", "allocation accuracy against the OpenMeter-collector and OpenCost methods"),
-    ("bench.bench_output", "gateway ingest, ack latency, drain, disk bytes per event"),
-    ("bench.bench_agent", "agent CPU and RSS at 110 and 500 pods per node"),
-    ("bench.bench_operator", "operator convergence and RSS"),
-    ("bench.bench_peer", "a peer pipeline (Bento or Redpanda Connect) on the same sink"),
-]
+BENCH_DIR = Path(__file__).resolve().parent
+FIRST = ["bench.yardsticks", "bench.accuracy"]
+
+
+def suites() -> list[str]:
+    """The suite modules in the order they run: the yardsticks first, then ``bench_*`` by name."""
+    found = sorted(f"bench.{path.stem}" for path in BENCH_DIR.glob("bench_*.py"))
+    return FIRST + found
+
 
 # figure -> yardstick it is a fraction of
 # Fractions of a yardstick measured alongside, in the same suite (a yardstick from another suite ran
@@ -88,19 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     figures: list[dict[str, Any]] = []
-    suites: list[dict[str, Any]] = []
-    for module_name, about in SUITES:
+    ran: list[dict[str, Any]] = []
+    for module_name in suites():
         if args.only and not any(module_name.endswith(only) for only in args.only):
             continue
         started = time.perf_counter()
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            if error.name != module_name:
-                raise
-            suites.append({"suite": module_name, "status": "not built yet", "about": about})
-            print(f"-- {module_name}: not built yet ({about})")
-            continue
+        module = importlib.import_module(module_name)
+        about = str(getattr(module, "ABOUT", ""))
         print(f"-- {module_name}: {about}", flush=True)
         try:
             produced = module.run()
@@ -109,9 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             produced, status = [], "failed"
         figures += produced
-        suites.append(
-            {"suite": module_name, "status": status, "seconds": round(time.perf_counter() - started, 1)}
-        )
+        seconds = round(time.perf_counter() - started, 1)
+        ran.append({"suite": module_name, "about": about, "status": status, "seconds": seconds})
 
     add_fractions(figures)
     width = max((len(f["name"]) for f in figures), default=10)
@@ -123,13 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "ran_at": datetime.now(tz=UTC).isoformat(),
         "machine": machine(),
-        "suites": suites,
+        "suites": ran,
         "figures": figures,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nmachine: {report['machine']}\nwrote {args.output}")
-    return 1 if any(s["status"] == "failed" for s in suites) else 0
+    return 1 if any(s["status"] == "failed" for s in ran) else 0
 
 
 if __name__ == "__main__":

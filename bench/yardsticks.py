@@ -14,6 +14,8 @@ from typing import Any
 import httpx
 from aiohttp import web
 
+ABOUT = "physical yardsticks: fsync, batched SQLite insert, loopback HTTP"
+
 
 def fsync_rate(directory: Path, seconds: float = 2.0) -> float:
     """Appends of 512 bytes, each followed by fsync: the ceiling for commits that are really durable."""
