@@ -1,4 +1,4 @@
-"""Request validators built from the published OpenAPI specs (``../shared/reference``).
+"""Request validators built from the published OpenAPI specs (vendored in ``tests/support/specs``).
 
 Optional at run time (``kubemeter sink --spec-dir``): the tests turn it on so every payload a sink
 sends is checked against the real API's contract. Needs the ``dev`` extras (openapi-schema-validator).

@@ -1,0 +1,28 @@
+"""The billing API specs the tests validate against are in the repository, unmodified, with the
+provenance and licence its README records (a fresh clone needs nothing beside it)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+from tests.support.billing_specs import SPEC_DIR, spec_validators
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+
+
+def test_every_vendored_spec_matches_the_checksum_its_readme_records() -> None:
+    readme = (SPEC_DIR / "README.md").read_text()
+    recorded = dict(re.findall(r"^\| `([^`]+)` \|.*\| `([0-9a-f]{64})` \|$", readme, re.MULTILINE))
+    on_disk = {p.name for p in SPEC_DIR.iterdir() if p.name != "README.md"}
+    assert set(recorded) == on_disk
+    for name, digest in recorded.items():
+        assert hashlib.sha256((SPEC_DIR / name).read_bytes()).hexdigest() == digest, name
+
+
+def test_the_specs_load_from_inside_the_repository() -> None:
+    assert SPEC_DIR.is_relative_to(REPO_ROOT)
+    validators = spec_validators()
+    assert validators.openmeter_batch.problems([{"specversion": "1.0"}])
+    assert validators.lago_batch.problems({"events": "not a list"})
