@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 from kubemeter.api.rendered import AgentConfig, GatewayConfig
+from kubemeter.report.pricing import Pricing, load_pricing
 
 from demo.harness import NAMESPACE, Stack
 from testbed.controlplane import REPO_ROOT, wait_for
@@ -38,10 +39,9 @@ from testbed.controlplane import REPO_ROOT, wait_for
 EXAMPLE = REPO_ROOT / "examples" / "gpu-chargeback.yaml"
 GRACE_S = 30  # the default terminationGracePeriodSeconds: deletionTimestamp = request + grace
 
+PRICING_FILE = REPO_ROOT / "examples" / "pricing.yaml"  # the terminal table and the HTML use it alike
+
 TEAMS = {"team-a": "acme", "team-b": "globex", "team-c": "initech"}
-GPU_PRICE_PER_HOUR = {"NVIDIA-H100-80GB-HBM3": Decimal("2.50"), "NVIDIA-H200": Decimal("3.40")}
-CPU_CORE_HOUR = Decimal("0.04")
-MEMORY_GIB_HOUR = Decimal("0.005")
 
 
 @dataclass(frozen=True)
@@ -181,7 +181,7 @@ class Demo(Stack):
         truth = self.truth()
         while time.time() < closes_at + timeout_s:
             self.check_processes()
-            rows = chargeback_rows(self.metered())
+            rows = chargeback_rows(self.metered(), load_pricing(PRICING_FILE))
             metered = {f"{r['subject']}|{r['meter']}|{r['gpu_model']}": r["value"] for r in rows}
             if metered == truth:
                 self.say("every window reached the sink")
@@ -207,7 +207,7 @@ class Demo(Stack):
     def report(self) -> dict[str, Any]:
         truth = self.truth()
         metered = self.metered()
-        rows = chargeback_rows(metered)
+        rows = chargeback_rows(metered, load_pricing(PRICING_FILE))
         print()
         print(render_table(rows, truth))
         self.out.mkdir(parents=True, exist_ok=True)
@@ -215,27 +215,23 @@ class Demo(Stack):
         (self.out / "chargeback.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         stored = self.get(f"{self.sink_url}/api/v1/usage/events") or {}
         (self.out / "sink-events.json").write_text(json.dumps(stored.get("events", []), indent=2) + "\n")
-        with contextlib.suppress(FileNotFoundError, subprocess.CalledProcessError):
-            subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "kubemeter_cli",
-                    "report",
-                    "--url",
-                    self.sink_url,
-                    "--format",
-                    "html",
-                    "--output",
-                    str(self.out / "report.html"),
-                ],
-                check=True,
-                capture_output=True,
-                timeout=60,
-            )
-            self.say(f"HTML report with a chart: {self.out / 'report.html'}")
+        self.run_report("--format", "html", "--output", str(self.out / "report.html"))
+        self.say(f"HTML report (open it in a browser): {self.out / 'report.html'}")
+        for customer in sorted({row["subject"] for row in rows}):
+            for kind in ("html", "csv"):
+                path = self.out / f"statement-{customer}.{kind}"
+                self.run_report("--customer", customer, "--format", kind, "--output", str(path))
+        self.say(f"a statement per customer: {self.out / 'statement-acme.html'} (and .csv), ...")
         self.say(f"table as JSON: {self.out / 'chargeback.json'}")
         return summary
+
+    def run_report(self, *args: str) -> None:
+        """``kubemeter report`` on the sink, priced by the same file as the terminal table."""
+        argv = [sys.executable, "-m", "kubemeter_cli", "report", "--url", self.sink_url]
+        argv += ["--pricing", str(PRICING_FILE), *args]
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            raise SystemExit(f"kubemeter report {' '.join(args)} failed:\n{result.stderr[-3000:]}")
 
     def metered(self) -> list[dict[str, Any]]:
         query = urllib.parse.urlencode(
@@ -284,22 +280,23 @@ def ground_truth(held: dict[str, dict[str, Any]], gpu_model_by_node: dict[str, s
     return totals
 
 
-def chargeback_rows(metered: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def chargeback_rows(metered: list[dict[str, Any]], pricing: Pricing) -> list[dict[str, Any]]:
     rows = []
     for row in metered:
         meter, value = row.get("type", ""), Decimal(str(row.get("value", 0)))
         model = (row.get("groupBy") or row).get("gpu_model") or ""
         if meter == "gpu-seconds":
             amount, unit = value / 3600, "GPU-hours"
-            cost = amount * GPU_PRICE_PER_HOUR.get(model, Decimal("2.00"))
         elif meter == "cpu-core-seconds":
-            amount, unit, cost = value / 3600, "core-hours", value / 3600 * CPU_CORE_HOUR
-            model = ""
+            amount, unit, model = value / 3600, "core-hours", ""
         elif meter == "memory-byte-seconds":
-            amount, unit = value / 2**30 / 3600, "GiB-hours"
-            cost, model = amount * MEMORY_GIB_HOUR, ""
+            amount, unit, model = value / 2**30 / 3600, "GiB-hours", ""
         else:
             continue
+        price = pricing.price(meter, unit, model)
+        if price is None:
+            raise SystemExit(f"{PRICING_FILE} has no price for {meter} ({unit} {model}); add one")
+        cost = amount * Decimal(repr(price))
         rows.append(
             {
                 "subject": row.get("subject", ""),

@@ -4,18 +4,27 @@ Examples:
   kubemeter report --url http://localhost:8090 --group-by subject --price GPU-hours=2.5
   kubemeter report --url https://openmeter.example --token-file token --pricing prices.yaml \\
       --group-by subject,gpu_model --format html --output report.html
+  kubemeter report --url http://localhost:8090 --pricing examples/pricing.yaml \\
+      --customer acme --month 2026-11 --format html --output acme-2026-11.html
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from kubemeter.report.compute import Dimension, build_report
-from kubemeter.report.html import to_html
+from kubemeter.report.compute import (
+    DEFAULT_IDLE_SUBJECT,
+    Dimension,
+    build_report,
+    build_timeline,
+    incomplete_usage,
+)
+from kubemeter.report.html import Page, statement_html, to_html
 from kubemeter.report.pricing import (
     PRICING_EXAMPLE,
     Pricing,
@@ -24,7 +33,14 @@ from kubemeter.report.pricing import (
     parse_assignments,
 )
 from kubemeter.report.render import to_csv, to_json, to_table
-from kubemeter.report.usage import DEFAULT_GPU_MODEL_KEY, Period, UsageApi, UsageApiError
+from kubemeter.report.statement import (
+    build_statement,
+    month_bounds,
+    period_text,
+    statement_csv,
+    statement_table,
+)
+from kubemeter.report.usage import DEFAULT_GPU_MODEL_KEY, Period, UsageApi, UsageApiError, UsageRow
 
 FORMATS = ("table", "csv", "json", "html")
 
@@ -81,9 +97,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--gpu-model-key", default=DEFAULT_GPU_MODEL_KEY, help="the event dimension holding the GPU model"
     )
+    parser.add_argument(
+        "--idle-subject",
+        default=DEFAULT_IDLE_SUBJECT,
+        help="the subject the idle-capacity meter bills; shown as its own row, not as a customer",
+    )
+    parser.add_argument(
+        "--customer", help="one customer's statement (lines per meter and GPU model) instead of the report"
+    )
+    parser.add_argument(
+        "--month", help="YYYY-MM: the period is that month (UTC); with --customer, default this month"
+    )
     parser.add_argument("--format", choices=FORMATS, default="table")
     parser.add_argument("--output", "-o", type=Path, help="write here instead of stdout")
-    parser.add_argument("--title", default="kubemeter chargeback report")
+    parser.add_argument("--title", help="page title (default: kubemeter chargeback report, or statement)")
     return parser
 
 
@@ -99,22 +126,86 @@ def main(argv: Sequence[str]) -> int:
         )
         pricing = pricing.merged(flags, currency=args.currency)
         token = args.token_file.read_text().strip() if args.token_file else None
-    except (PricingError, OSError) as error:
+        if args.month and (args.start or args.end):
+            raise PricingError("--month sets --from and --to; give one or the other")
+        if args.month or (args.customer and not (args.start or args.end)):
+            month = args.month or datetime.now(UTC).strftime("%Y-%m")
+            args.start, args.end = month_bounds(month)
+    except (PricingError, OSError, ValueError) as error:
         print(f"kubemeter report: {error}", file=sys.stderr)
         return 2
     period = Period(args.start, args.end)
+    now = datetime.now(UTC)
     api = UsageApi(args.url, kind=args.api, token=token, gpu_model_key=args.gpu_model_key)
+    bucket_s = 0
     try:
-        usage = api.rows(period)
+        if args.format == "html" and not args.customer:
+            usage, bucket_s = api.rows_over_time(period, now=now)
+        else:
+            usage = api.rows(period)
     except UsageApiError as error:
         print(f"kubemeter report: {error}", file=sys.stderr)
         return 1
     finally:
         api.close()
-    report = build_report(usage, group_by, pricing)
+    generated = now.replace(microsecond=0).isoformat()
+    if args.customer:
+        text = _statement(args, usage, pricing, generated)
+    else:
+        text = _report(args, usage, group_by, pricing, generated, bucket_s)
+    if args.output:
+        args.output.write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _statement(args: argparse.Namespace, usage: list[UsageRow], pricing: Pricing, generated: str) -> str:
+    statement = build_statement(usage, args.customer, pricing, args.start, args.end)
+    if args.format == "html":
+        title = args.title or f"Statement for {args.customer}"
+        return statement_html(statement, title, [f"source: {args.url}", f"generated: {generated}"])
+    if args.format == "csv":
+        return statement_csv(statement)
+    if args.format == "json":
+        return (
+            json.dumps(
+                {
+                    "customer": statement.customer,
+                    "period": period_text(statement),
+                    "currency": statement.currency,
+                    "lines": [
+                        {
+                            "meter": line.event_type,
+                            "gpuModel": line.gpu_model,
+                            "quantity": str(line.quantity),
+                            "unit": line.unit,
+                            "unitPrice": None if line.unit_price is None else str(line.unit_price),
+                            "amount": None if line.amount is None else str(line.amount),
+                            "incompleteEvents": line.incomplete_events,
+                        }
+                        for line in statement.lines
+                    ],
+                    "total": str(statement.total),
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+    return statement_table(statement)
+
+
+def _report(
+    args: argparse.Namespace,
+    usage: list[UsageRow],
+    group_by: list[Dimension],
+    pricing: Pricing,
+    generated: str,
+    bucket_s: int,
+) -> str:
+    report = build_report(usage, group_by, pricing, args.idle_subject)
     start = args.start.isoformat() if args.start else "the beginning"
     span = f"{start} to {args.end.isoformat() if args.end else 'now'}"
-    generated = datetime.now(UTC).replace(microsecond=0).isoformat()
     if args.format == "table":
         text = to_table(report)
     elif args.format == "csv":
@@ -128,11 +219,13 @@ def main(argv: Sequence[str]) -> int:
         }
         text = to_json(report, meta)
     else:
-        text = to_html(
-            report, args.title, [f"source: {args.url}", f"period: {span}", f"generated: {generated}"]
+        page = Page(
+            timeline=build_timeline(usage, bucket_s, pricing, args.idle_subject),
+            breakdown=build_report(
+                usage, [Dimension.METER, Dimension.GPU_MODEL, Dimension.SUBJECT], pricing, None
+            ),
+            incomplete=incomplete_usage(usage),
         )
-    if args.output:
-        args.output.write_text(text)
-    else:
-        sys.stdout.write(text)
-    return 0
+        lines = [f"source: {args.url}", f"period: {span}", f"generated: {generated}"]
+        text = to_html(report, args.title or "kubemeter chargeback report", lines, page)
+    return text

@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 from kubemeter.report.compute import Report, ReportRow
+from kubemeter.report.safe import csv_cell, terminal_text
 
 
 def _quantity(value: float) -> str:
@@ -28,11 +29,21 @@ def cells(report: Report, row: ReportRow) -> list[str]:
     return [*row.key, *quantities, _money(row.cost)]
 
 
+def extra_rows(report: Report) -> list[ReportRow]:
+    """Below the customers' total: the idle capacity, and customers + idle, when an idle meter ran."""
+    capacity = report.capacity
+    if report.idle is None or capacity is None:
+        return []
+    capacity.key = tuple("capacity" if i == 0 else "" for i in range(len(report.group_by)))
+    return [report.idle, capacity]
+
+
 def to_table(report: Report) -> str:
     header = headers(report)
-    body = [cells(report, row) for row in report.rows]
+    body = [[terminal_text(cell) for cell in cells(report, row)] for row in report.rows]
     footer = cells(report, report.total)
-    widths = [max(len(line[i]) for line in [header, *body, footer]) for i in range(len(header))]
+    extra = [cells(report, row) for row in extra_rows(report)]
+    widths = [max(len(line[i]) for line in [header, *body, footer, *extra]) for i in range(len(header))]
     keys = len(report.group_by)
 
     def line(values: list[str]) -> str:
@@ -44,7 +55,8 @@ def to_table(report: Report) -> str:
 
     rule = "  ".join("-" * w for w in widths)
     out = [line(header), rule, *(line(values) for values in body), rule, line(footer)]
-    out += notes(report)
+    out += [line(values) for values in extra]
+    out += [terminal_text(note) for note in notes(report)]
     return "\n".join(out) + "\n"
 
 
@@ -77,10 +89,10 @@ def to_csv(report: Report) -> str:
             "incomplete_events",
         ]
     )
-    for row in [*report.rows, report.total]:
+    for row in [*report.rows, report.total, *extra_rows(report)]:
         writer.writerow(
             [
-                *row.key,
+                *(csv_cell(key) for key in row.key),
                 *(repr(row.quantities.get(c.event_type, 0.0)) for c in report.columns),
                 *(repr(row.costs.get(c.event_type, 0.0)) for c in report.columns),
                 repr(row.cost),
@@ -113,6 +125,8 @@ def to_json(report: Report, meta: dict[str, Any] | None = None) -> str:
         "columns": [{"meter": c.event_type, "unit": c.unit, "label": c.label} for c in report.columns],
         "rows": [_row_json(report, row) for row in report.rows],
         "total": _row_json(report, report.total),
+        "idle": None if report.idle is None else _row_json(report, report.idle),
+        "idleSubject": report.idle_subject or None,
         "unpriced": report.unpriced,
     }
     return json.dumps(document, indent=2) + "\n"

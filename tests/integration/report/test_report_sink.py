@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
 import urllib.request
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 
 from testbed.controlplane import REPO_ROOT, free_port, wait_for
+from tests.support.browser import Browser
 
 GIB_HOUR = 3600 * 2**30
 H100, H200, A100 = "NVIDIA-H100-80GB-HBM3", "NVIDIA-H200", "NVIDIA-A100-SXM4-80GB"
@@ -209,3 +211,75 @@ def test_unpriced_usage_is_named_and_a_dead_api_is_explained(sink: SinkProcess) 
         timeout=60,
     )
     assert dead.returncode == 1 and "check --url" in dead.stderr
+
+
+# -- what a person sees: the HTML report and a statement, rendered by a real Chromium --------------
+
+ROW_CELLS = (
+    "[...document.querySelectorAll('table.%s tbody tr')].map(tr => [...tr.cells].map(c => c.innerText))"
+)
+BAR_BOXES = (
+    "[...document.querySelectorAll('svg#%s rect.bar')].map(r => {const b = r.getBoundingClientRect();"
+    " return [b.x, b.y, b.width, b.height]})"
+)
+CHART_BOX = (
+    "(() => {const b = document.querySelector('svg#%s').getBoundingClientRect();"
+    " return [b.x, b.y, b.width, b.height]})()"
+)
+
+
+def ink_fraction(png: Path, box: list[float]) -> float:
+    """Share of the pixels inside ``box`` (x, y, width, height, CSS px) that are not page white."""
+    from PIL import Image
+
+    x, y, width, height = (int(v) for v in box)
+    with Image.open(png) as image:
+        histogram = image.convert("L").crop((x, y, x + width, y + height)).histogram()
+    return sum(histogram[:240]) / max(sum(histogram), 1)
+
+
+def test_html_report_renders_costs_per_customer_and_a_chart_over_time_in_chromium(
+    sink: SinkProcess, pricing_file: Path, tmp_path: Path
+) -> None:
+    page_path = tmp_path / "report.html"
+    result = report(sink, "--pricing", str(pricing_file), "--format", "html", "-o", str(page_path))
+    assert result.returncode == 0, result.stderr
+    with Browser() as browser:
+        browser.open(page_path)
+        rows = browser.evaluate(ROW_CELLS % "chargeback")
+        shot = Path(os.environ.get("KUBEMETER_SCREENSHOT_DIR", tmp_path)) / "report-sink.png"
+        browser.screenshot(shot)
+        chart = browser.evaluate(CHART_BOX % "timeline")
+        bars = browser.evaluate(BAR_BOXES % "timeline")
+        breakdown_bars = browser.evaluate(BAR_BOXES % "breakdown")
+        text = browser.evaluate("document.body.innerText")
+    rendered_cost = {row[0]: float(row[-1].replace(",", "")) for row in rows}
+    assert rendered_cost == pytest.approx({**EXPECTED_COST, "total": sum(EXPECTED_COST.values())}, abs=0.005)
+    # One column segment per (customer, hour with usage): team-a on days 1 and 2, team-b on days 1
+    # and 2, team-c on day 3, each at 10:00 UTC.
+    assert len(bars) == 5 and all(w > 0 and h > 0 for _, _, w, h in bars)
+    assert chart[2] > 400 and chart[3] > 200
+    assert ink_fraction(shot, chart) > 0.02, "the chart's area is drawn, not blank"
+    assert len(breakdown_bars) >= 4  # GPU per model, CPU, memory; stacked by customer
+    assert "Incomplete usage" in text and "1 event(s) are flagged complete=false" in text
+
+
+def test_statement_for_one_customer_renders_its_lines_and_total_in_chromium(
+    sink: SinkProcess, pricing_file: Path, tmp_path: Path
+) -> None:
+    page_path = tmp_path / "statement.html"
+    argv = ["--pricing", str(pricing_file), "--customer", "team-a", "--month", "2026-11"]
+    result = report(sink, *argv, "--format", "html", "-o", str(page_path))
+    assert result.returncode == 0, result.stderr
+    with Browser() as browser:
+        browser.open(page_path)
+        rows = browser.evaluate(ROW_CELLS % "statement")
+    assert [row[:2] for row in rows[:-1]] == [
+        ["cpu-core-seconds", "-"],
+        ["gpu-seconds", H100],
+        ["memory-byte-seconds", "-"],
+    ]
+    assert [row[-1] for row in rows] == ["0.50", "12.00", "0.04", "12.54"]  # 10 core-h, 3 H100-h, 4 GiB-h
+    csv_result = report(sink, *argv, "--format", "csv")
+    assert csv_result.returncode == 0, csv_result.stderr
+    assert csv_result.stdout.splitlines()[-1].split(",")[:6] == ["total", "", "", "", "", "12.54"]
