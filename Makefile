@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: help setup tools test test-unit test-integration test-gpu lint crds cluster-up cluster-down demo bench chaos
+.PHONY: help setup tools browser test test-unit test-integration test-gpu lint crds cluster-up cluster-down demo bench chaos
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 20
@@ -21,7 +21,7 @@ setup: $(BIN)/kubemeter ## create .venv with kubemeter and its test tools
 tools: ## build etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kwok, helm, kubeconform (cached)
 	tools/build.sh
 
-test: setup tools ## the whole suite: lint, types, unit and integration tests on the local control plane
+test: setup tools browser ## the whole suite: lint, types, unit and integration tests on the local control plane
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
@@ -35,6 +35,11 @@ test-integration: setup tools ## integration tests on the local control plane
 
 test-gpu: setup ## the real-NVML tests; needs an NVIDIA GPU and driver
 	$(BIN)/pytest -m gpu $(PYTEST_ARGS)
+
+browser: ## headless Chromium for the report's browser tests (Debian's chromium; installed when root)
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core \
+	  >/dev/null; } || { echo "the report's browser tests need chromium: apt-get install chromium"; exit 1; }
 
 lint: setup ## ruff (lint + format check) and mypy --strict
 	$(BIN)/ruff check .

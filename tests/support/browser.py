@@ -177,3 +177,32 @@ class Browser:
         )
         path.write_bytes(base64.b64decode(shot["data"]))
         return width, height
+
+
+# Questions the report tests ask of a rendered page, as JavaScript expressions.
+ROW_CELLS = (
+    "[...document.querySelectorAll('table.%s tbody tr')].map(tr => [...tr.cells].map(c => c.innerText))"
+)
+BAR_BOXES = (
+    "[...document.querySelectorAll('svg#%s rect.bar')].map(r => {const b = r.getBoundingClientRect();"
+    " return [b.x, b.y, b.width, b.height]})"
+)
+
+
+def element_box(browser: Browser, selector: str) -> list[float]:
+    """(x, y, width, height) in CSS pixels of the first element matching ``selector``."""
+    box: list[float] = browser.evaluate(
+        f"(() => {{const b = document.querySelector({json.dumps(selector)}).getBoundingClientRect();"
+        " return [b.x, b.y + window.scrollY, b.width, b.height]})()"
+    )
+    return box
+
+
+def ink_fraction(png: Path, box: list[float]) -> float:
+    """Share of the pixels inside ``box`` (x, y, width, height, CSS px) that are not page white."""
+    from PIL import Image
+
+    x, y, width, height = (int(v) for v in box)
+    with Image.open(png) as image:
+        histogram = image.convert("L").crop((x, y, x + width, y + height)).histogram()
+    return sum(histogram[:240]) / max(sum(histogram), 1)

@@ -32,6 +32,7 @@ PATTERNS = (
 )
 # Idle capacity: grey with back-diagonal stripes, a pattern no customer series uses.
 IDLE_PATTERN = '<path d="M-1,7 l2,2 M0,0 l8,8 M7,-1 l2,2" stroke="{ink}" stroke-width="1.4"/>'
+MAX_COLUMN_PX = 56.0  # a few buckets still read as columns, not as a block
 FONT = 'font-family="DejaVu Sans, Verdana, sans-serif" font-size="12"'
 
 
@@ -98,7 +99,7 @@ def _legend(
     """Swatches with names, wrapped to ``width``; returns the elements and the height used."""
     parts, left, top = [], x, y
     for index, one in enumerate(series):
-        item = 26 + 7 * len(one.name)
+        item = 34 + 8 * len(one.name)  # swatch, gap, ~8 px a character at 12 px
         if left + item > x + width and left > x:
             left, top = x, top + 18
         parts.append(
@@ -128,7 +129,7 @@ def stacked_columns(
     ticks = nice_ticks(max(totals, default=0.0))
     top_value = ticks[-1]
     slot = plot_width / max(len(categories), 1)
-    column = max(slot * 0.72, 1.0)
+    column = min(max(slot * 0.72, 1.0), MAX_COLUMN_PX)
     bottom = top + plot_height
     legend, legend_height = _legend(chart_id, series, left, bottom + 40, plot_width)
     height = int(bottom + 40 + legend_height + 8)

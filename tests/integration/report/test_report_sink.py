@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from testbed.controlplane import REPO_ROOT, free_port, wait_for
-from tests.support.browser import Browser
+from tests.support.browser import BAR_BOXES, ROW_CELLS, Browser, element_box, ink_fraction
 
 GIB_HOUR = 3600 * 2**30
 H100, H200, A100 = "NVIDIA-H100-80GB-HBM3", "NVIDIA-H200", "NVIDIA-A100-SXM4-80GB"
@@ -215,28 +215,6 @@ def test_unpriced_usage_is_named_and_a_dead_api_is_explained(sink: SinkProcess) 
 
 # -- what a person sees: the HTML report and a statement, rendered by a real Chromium --------------
 
-ROW_CELLS = (
-    "[...document.querySelectorAll('table.%s tbody tr')].map(tr => [...tr.cells].map(c => c.innerText))"
-)
-BAR_BOXES = (
-    "[...document.querySelectorAll('svg#%s rect.bar')].map(r => {const b = r.getBoundingClientRect();"
-    " return [b.x, b.y, b.width, b.height]})"
-)
-CHART_BOX = (
-    "(() => {const b = document.querySelector('svg#%s').getBoundingClientRect();"
-    " return [b.x, b.y, b.width, b.height]})()"
-)
-
-
-def ink_fraction(png: Path, box: list[float]) -> float:
-    """Share of the pixels inside ``box`` (x, y, width, height, CSS px) that are not page white."""
-    from PIL import Image
-
-    x, y, width, height = (int(v) for v in box)
-    with Image.open(png) as image:
-        histogram = image.convert("L").crop((x, y, x + width, y + height)).histogram()
-    return sum(histogram[:240]) / max(sum(histogram), 1)
-
 
 def test_html_report_renders_costs_per_customer_and_a_chart_over_time_in_chromium(
     sink: SinkProcess, pricing_file: Path, tmp_path: Path
@@ -249,7 +227,7 @@ def test_html_report_renders_costs_per_customer_and_a_chart_over_time_in_chromiu
         rows = browser.evaluate(ROW_CELLS % "chargeback")
         shot = Path(os.environ.get("KUBEMETER_SCREENSHOT_DIR", tmp_path)) / "report-sink.png"
         browser.screenshot(shot)
-        chart = browser.evaluate(CHART_BOX % "timeline")
+        chart = element_box(browser, "svg#timeline")
         bars = browser.evaluate(BAR_BOXES % "timeline")
         breakdown_bars = browser.evaluate(BAR_BOXES % "breakdown")
         text = browser.evaluate("document.body.innerText")
