@@ -17,7 +17,14 @@ from kubemeter.report.compute import (
     bucket_label,
 )
 from kubemeter.report.render import cells, extra_rows, headers, notes
-from kubemeter.report.statement import ROUNDING_NOTE, Statement, money_text, period_text, quantity_text
+from kubemeter.report.statement import (
+    ROUNDING_NOTE,
+    Statement,
+    money_text,
+    period_text,
+    price_text,
+    quantity_text,
+)
 from kubemeter.report.svg import Series, format_amount, stacked_bars, stacked_columns
 
 STYLE = """
@@ -235,7 +242,7 @@ def statement_html(statement: Statement, title: str, meta_lines: list[str]) -> s
     rows = "".join(
         f"<tr><td>{escape(line.event_type)}</td><td>{escape(line.gpu_model or '-')}</td>"
         f"<td class=num>{quantity_text(line.quantity)}</td><td>{escape(line.unit)}</td>"
-        f"<td class=num>{money_text(line.unit_price) if line.unit_price is not None else 'no price'}</td>"
+        f"<td class=num>{price_text(line.unit_price) if line.unit_price is not None else 'no price'}</td>"
         f"<td class=num>{money_text(line.amount)}</td></tr>"
         for line in statement.lines
     )

@@ -106,6 +106,13 @@ def quantity_text(value: Decimal) -> str:
     return f"{value.quantize(QUANTITY_PLACES, ROUND_HALF_UP):,}"
 
 
+def price_text(value: Decimal) -> str:
+    """A unit price as given: at least cents, more digits where the price has them (0.005)."""
+    if value == value.quantize(CENT):
+        return f"{value.quantize(CENT):,}"
+    return f"{value.normalize():,f}"
+
+
 def money_text(value: Decimal | None) -> str:
     return "-" if value is None else f"{value.quantize(CENT, ROUND_HALF_UP):,}"
 
@@ -126,7 +133,7 @@ def statement_rows(statement: Statement) -> list[list[str]]:
                 line.gpu_model,
                 quantity_text(line.quantity),
                 line.unit,
-                money_text(line.unit_price) if line.unit_price is not None else "no price",
+                price_text(line.unit_price) if line.unit_price is not None else "no price",
                 money_text(line.amount),
             ]
         )

@@ -90,6 +90,9 @@ def test_html_and_table_statements_show_every_line_and_the_amount_due() -> None:
     page = statement_html(statement, "Statement for acme", [])
     assert page.count("<tr>") == 1 + 4 and "9.69 EUR" in page and "2026-11-01 to 2026-12-01" in page
     assert "No price for: memory-byte-seconds (GiB-hours)" in page
+    assert "<td class=num>3.90</td>" in page  # unit prices at least to the cent
+    priced = build_statement(USAGE, "acme", Pricing(unit_prices={"GiB-hours": 0.005}))
+    assert "<td class=num>0.005</td>" in statement_html(priced, "s", [])  # and never rounded away
     text = statement_table(statement)
     assert text.splitlines()[-1].split() == ["total", "9.69"]
 
