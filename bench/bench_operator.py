@@ -4,11 +4,17 @@
   ``examples/gpu-chargeback.yaml`` (its Secret, Meters and Pipeline already applied and seen by the
   operator) until every object ``build_children`` says it owns exists in the API server, polled every
   20 ms over HTTP. Repeated in fresh namespaces; median and worst reported.
-- ``operator/500-meters-converge``: 10 Collectors, 10 Pipelines (one per Collector, by label
-  selector) and 500 Meters applied in one ``kubectl apply``; from the start of the apply until every
-  Collector's ConfigMap lists exactly its 50 Meters in ``agent.yaml``.
-- ``operator/rss-peak``: the operator process's VmRSS (``/proc/<pid>/status``) sampled every 100 ms
-  over the whole run; ``operator/rss-settled`` is the last sample, after convergence.
+- ``operator/meters-<M>/converge``: for M = 100, 500 and 2,000, a new namespace gets 50 Collectors,
+  50 Pipelines (one per Collector, by label selector) and M Meters (M/50 per Collector) in one
+  ``kubectl apply``; from the start of the apply until every Collector's ConfigMap lists exactly its
+  Meters in ``agent.yaml``. The steps run in that order in one cluster and one operator, so the
+  operator holds the earlier steps' objects too (100, 600, then 2,600 Meters in all).
+- ``operator/meters-<M>/rss``: the operator's VmRSS (``/proc/<pid>/status``, sampled every 100 ms)
+  at the end of that step, 1 s after it converged; ``operator/rss-peak`` is the largest sample.
+- ``operator/resync-<N>-agents``: what one resync spends reading the agents' reports (source
+  faults): ``read_agent_reports``, the operator's own function, against N stand-in agents
+  (:mod:`bench.agent_endpoints`, one process, N loopback addresses), wall time and this process's
+  CPU time, for N = 100 and 1,000.
 
 The operator runs as a subprocess (``kubemeter operator --standalone``) with its production defaults.
 Shared helpers (control plane, API client, process sampler) are imported by the other benchmarks.
@@ -35,19 +41,23 @@ import httpx
 import yaml
 from kubemeter.api.collector import CollectorSpec
 from kubemeter_operator.builders import CollectorRef, build_children
+from kubemeter_operator.reconcile import agent_report_urls, read_agent_reports
 from kubemeter_operator.settings import OperatorSettings
 
-from testbed.controlplane import REPO_ROOT, ControlPlane, FakeNode
+from bench import plots
+from bench.agent_endpoints import address
+from testbed.controlplane import REPO_ROOT, ControlPlane, FakeNode, free_port
 
-ABOUT = "operator convergence and RSS"
+ABOUT = "operator convergence and RSS vs Meters (100, 500, 2,000 over 50 Collectors); resync cost vs agents"
 
 EXAMPLE = REPO_ROOT / "examples" / "gpu-chargeback.yaml"
 CHILDREN_GOAL_S = 2.0
 CONVERGE_GOAL_S = 60.0
 RSS_GOAL_MIB = 150.0
-CHILDREN_REPEATS = 5
-COLLECTORS = 10
-METERS_PER_COLLECTOR = 50
+CHILDREN_REPEATS = 3
+COLLECTORS = 50
+METER_STEPS = (100, 500, 2000)
+AGENT_COUNTS = (100, 1000)
 CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
 
@@ -220,8 +230,8 @@ def collector_children_s(plane: ControlPlane, client: httpx.Client, namespace: s
     return time.perf_counter() - started, len(paths)
 
 
-def many_meters_manifest(namespace: str) -> dict[str, Any]:
-    """10 Collectors, each bound by one Pipeline (label selector) to 50 allocation Meters."""
+def many_meters_manifest(namespace: str, meters_per_collector: int) -> dict[str, Any]:
+    """:data:`COLLECTORS` Collectors, each bound by one Pipeline (label selector) to its Meters."""
     items: list[dict[str, Any]] = []
     for c in range(COLLECTORS):
         name = f"collector-{c}"
@@ -241,7 +251,7 @@ def many_meters_manifest(namespace: str) -> dict[str, Any]:
                 "spec": {"collectorRef": name, "meterSelector": {"matchLabels": {"bench/collector": name}}},
             }
         )
-        for m in range(METERS_PER_COLLECTOR):
+        for m in range(meters_per_collector):
             items.append(
                 {
                     "apiVersion": "kubemeter.io/v1alpha1",
@@ -261,7 +271,7 @@ def many_meters_manifest(namespace: str) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "List", "items": items}
 
 
-def converged(client: httpx.Client, namespace: str) -> bool:
+def converged(client: httpx.Client, namespace: str, meters_per_collector: int) -> bool:
     listed = client.get(
         f"/api/v1/namespaces/{namespace}/configmaps", params={"labelSelector": "kubemeter.io/collector"}
     ).json()
@@ -273,20 +283,51 @@ def converged(client: httpx.Client, namespace: str) -> bool:
         config = yaml.load(agent_yaml, Loader=yaml.CSafeLoader)
         meters_by_collector[config["collector"]] = {m["name"] for m in config.get("meters") or []}
     return all(
-        meters_by_collector.get(f"collector-{c}") == {f"meter-{c}-{m}" for m in range(METERS_PER_COLLECTOR)}
+        meters_by_collector.get(f"collector-{c}") == {f"meter-{c}-{m}" for m in range(meters_per_collector)}
         for c in range(COLLECTORS)
     )
 
 
-def many_meters_converge_s(plane: ControlPlane, client: httpx.Client, namespace: str) -> tuple[float, float]:
+def many_meters_converge_s(
+    plane: ControlPlane, client: httpx.Client, namespace: str, meters: int
+) -> tuple[float, float]:
     """Seconds from the start of the apply to convergence, and how long the apply alone took."""
+    per_collector = meters // COLLECTORS
     plane.kubectl("create", "namespace", namespace)
-    manifest = json.dumps(many_meters_manifest(namespace))
+    manifest = json.dumps(many_meters_manifest(namespace, per_collector))
     started = time.perf_counter()
-    plane.kubectl("apply", "-f", "-", input=manifest, timeout_s=300)
+    plane.kubectl("apply", "-f", "-", input=manifest, timeout_s=600)
     applied_s = time.perf_counter() - started
-    wait_until(lambda: converged(client, namespace), 300, 0.5, "500 Meters in 10 ConfigMaps")
+    what = f"{meters} Meters in {COLLECTORS} ConfigMaps"
+    wait_until(lambda: converged(client, namespace, per_collector), 600, 0.5, what)
     return time.perf_counter() - started, applied_s
+
+
+def resync_cost(agents: int) -> tuple[float, float]:
+    """Wall and CPU seconds of one read of ``agents`` agents' reports, as a resync does it."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "bench.agent_endpoints", str(agents), str(port)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO_ROOT,
+    )
+    try:
+        assert server.stdout is not None
+        if server.stdout.readline().strip() != "ready":
+            raise RuntimeError("the stand-in agents did not start")
+        ready = [{"type": "Ready", "status": "True"}]
+        pods = [{"status": {"podIP": address(i), "conditions": ready}} for i in range(agents)]
+        urls = agent_report_urls(pods, port)
+        cpu_before, started = time.process_time(), time.perf_counter()
+        reports = read_agent_reports(urls, OperatorSettings().gateway_status_timeout_seconds)
+        wall_s, cpu_s = time.perf_counter() - started, time.process_time() - cpu_before
+        if len(reports) != agents:
+            raise RuntimeError(f"{len(reports)} of {agents} stand-in agents answered")
+        return wall_s, cpu_s
+    finally:
+        server.kill()
+        server.wait()
 
 
 def measure(state_dir: Path) -> dict[str, Any]:
@@ -300,15 +341,25 @@ def measure(state_dir: Path) -> dict[str, Any]:
                 seconds, child_count = collector_children_s(plane, client, f"bench-children-{repeat}")
                 children_s.append(seconds)
                 check_alive(operator, log)
-            converge_s, applied_s = many_meters_converge_s(plane, client, "bench-meters")
-            check_alive(operator, log)
-            time.sleep(1.0)  # one more RSS sample once the burst is over
+            steps: dict[int, dict[str, float]] = {}
+            for meters in METER_STEPS:
+                converge_s, applied_s = many_meters_converge_s(
+                    plane, client, f"bench-meters-{meters}", meters
+                )
+                check_alive(operator, log)
+                time.sleep(1.0)  # one more RSS sample once the burst is over
+                steps[meters] = {"converge_s": converge_s, "applied_s": applied_s, "rss": rss.last_bytes}
+                print(
+                    f"{meters} Meters: converged in {converge_s:.1f} s, RSS {mib(rss.last_bytes)} MiB",
+                    flush=True,
+                )
+        resync = {agents: resync_cost(agents) for agents in AGENT_COUNTS}
         return {
             "children_s": children_s,
             "child_count": child_count,
-            "converge_s": converge_s,
-            "applied_s": applied_s,
-            "rss": rss,
+            "steps": steps,
+            "rss_peak": rss.peak_bytes,
+            "resync": resync,
         }
 
 
@@ -316,8 +367,9 @@ def run() -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="kubemeter-bench-operator-") as scratch:
         result = measure(Path(scratch))
     children_s: list[float] = result["children_s"]
-    rss: RssSampler = result["rss"]
-    return [
+    steps: dict[int, dict[str, float]] = result["steps"]
+    resync: dict[int, tuple[float, float]] = result["resync"]
+    figures: list[dict[str, Any]] = [
         {
             "name": "operator/collector-children/median",
             "value": round(statistics.median(children_s), 3),
@@ -330,28 +382,73 @@ def run() -> list[dict[str, Any]]:
             "unit": "s",
             "baseline": f"goal < {CHILDREN_GOAL_S} s",
         },
-        {
-            "name": "operator/500-meters-converge",
-            "value": round(result["converge_s"], 1),
-            "unit": f"s ({COLLECTORS} Collectors x {METERS_PER_COLLECTOR} Meters, apply included)",
-            "baseline": f"goal < {CONVERGE_GOAL_S:.0f} s",
-        },
-        {
-            "name": "operator/500-meters-apply-alone",
-            "value": round(result["applied_s"], 1),
-            "unit": "s (kubectl apply of the 520 objects, part of the figure above)",
-            "baseline": None,
-        },
+    ]
+    for meters, step in steps.items():
+        figures += [
+            {
+                "name": f"operator/meters-{meters}/converge",
+                "value": round(step["converge_s"], 1),
+                "unit": f"s ({COLLECTORS} Collectors, {meters} Meters, apply included)",
+                "baseline": f"goal < {CONVERGE_GOAL_S:.0f} s (issue 3: 500 Meters)",
+            },
+            {
+                "name": f"operator/meters-{meters}/apply-alone",
+                "value": round(step["applied_s"], 1),
+                "unit": "s (the kubectl apply alone, part of the figure above)",
+                "baseline": f"operator/meters-{meters}/converge",
+            },
+            {
+                "name": f"operator/meters-{meters}/rss",
+                "value": mib(int(step["rss"])),
+                "unit": "MiB after convergence (earlier steps' objects still held)",
+                "baseline": f"goal < {RSS_GOAL_MIB:.0f} MiB",
+            },
+        ]
+    figures.append(
         {
             "name": "operator/rss-peak",
-            "value": mib(rss.peak_bytes),
+            "value": mib(result["rss_peak"]),
             "unit": "MiB",
             "baseline": f"goal < {RSS_GOAL_MIB:.0f} MiB",
-        },
+        }
+    )
+    for agents, (wall_s, cpu_s) in resync.items():
+        figures += [
+            {
+                "name": f"operator/resync-{agents}-agents/wall",
+                "value": round(wall_s, 2),
+                "unit": "s to read every agent's report once (16 at a time)",
+                "baseline": f"resync interval {OperatorSettings().resync_seconds:.0f} s",
+            },
+            {
+                "name": f"operator/resync-{agents}-agents/cpu",
+                "value": round(cpu_s, 3),
+                "unit": f"s of operator CPU per resync ({1000 * cpu_s / agents:.2f} ms per agent)",
+                "baseline": f"operator/resync-{AGENT_COUNTS[0]}-agents/cpu",
+            },
+        ]
+    plots.line_plot(
+        "operator-converge-vs-meters",
+        f"Operator convergence vs Meters ({COLLECTORS} Collectors)",
+        "Meters applied at once",
+        "seconds, apply to every ConfigMap",
+        {"kubemeter operator": [(m, step["converge_s"]) for m, step in steps.items()]},
+    )
+    plots.line_plot(
+        "operator-rss-vs-meters",
+        "Operator RSS vs Meters (cumulative steps)",
+        "Meters in the step",
+        "MiB",
+        {"kubemeter operator": [(m, step["rss"] / 2**20) for m, step in steps.items()]},
+    )
+    plots.line_plot(
+        "operator-resync-vs-agents",
+        "Operator resync: reading every agent's report",
+        "agents (nodes)",
+        "seconds per resync",
         {
-            "name": "operator/rss-settled",
-            "value": mib(rss.last_bytes),
-            "unit": "MiB",
-            "baseline": f"goal < {RSS_GOAL_MIB:.0f} MiB",
+            "wall": [(n, wall) for n, (wall, _) in resync.items()],
+            "CPU": [(n, cpu) for n, (_, cpu) in resync.items()],
         },
-    ]
+    )
+    return figures

@@ -1,40 +1,46 @@
-"""A peer on the same pipeline (issue 8): Bento, built from its Go module by ``tools/peer/build.sh``,
-as ``http_server`` input -> ``sqlite`` buffer -> ``http_client`` output, next to kubemeter's gateway
-(HTTP ingest -> durable SQLite queue -> OpenMeter sink), both delivering to one ``kubemeter sink``
-in the same run, one after the other (2 cores: running them at once would measure the contention).
+"""The gateway next to a peer (issues 8 and 16): Bento 1.5.2, built from its Go module by
+``tools/peer/build.sh``, as ``http_server`` input -> ``sqlite`` buffer -> ``http_client`` output,
+beside kubemeter's gateway (HTTP ingest -> durable SQLite queue -> OpenMeter delivery). Both take the
+same load from the same senders (:mod:`bench.load`: pre-encoded CloudEvents batches of 1, 100 and
+1,000 usage events, ``POST /api/v1/events``, :data:`SENDERS` at a time, each sending its next body
+when the last one is acknowledged) and deliver to the same sink (``kubemeter sink``, OpenMeter's
+endpoint, which deduplicates on (source, id)).
 
-Both receive the same load: CloudEvents batches of 100 usage events, ``POST /api/v1/events`` as
-``application/cloudevents-batch+json``, from 8 concurrent senders; both deliver to the sink's
-OpenMeter endpoint, which deduplicates on (source, id) and counts duplicates. Bento forwards each
-request body as one request; the gateway re-batches up to 500 events, waiting at most 1 s, with its
-default 10 requests/s rate limit lifted (Bento has none; the default would cap it at 5,000 events/s).
+Settings, stated because they differ: the gateway commits with ``synchronous=FULL`` (an
+acknowledged event has been fsync'd); Bento's sqlite buffer runs ``PRAGMA synchronous = 0`` in
+SQLite's rollback-journal mode (``internal/impl/sql/buffer_sqlite.go``; it has no setting for it),
+so it acknowledges what is only in the page cache. Bento forwards each request body as one request
+(``max_in_flight`` 64); the gateway re-batches up to 1,000 events (the most the OpenMeter sink
+takes), waiting at most 0.1 s for a fuller batch, its 10 requests/s default rate limit lifted
+(Bento has none).
 
-- ``throughput/ingest``: events acknowledged by the pipeline per second (the senders' view);
-  ``throughput/end-to-end``: events stored by the sink per second, from the first send until the
-  sink holds every event.
-- ``rss-peak``: the pipeline process's VmRSS, sampled every 100 ms through both measurements.
-- ``sigkill``: a fresh instance is killed with SIGKILL once half the batches are acknowledged, then
-  restarted on the same data directory; the senders resend every batch not acknowledged (what a
-  retrying client does). ``lost-acknowledged`` counts acknowledged events the sink never got (a
-  broken promise); ``duplicates`` counts deliveries the sink had already stored (harmless for an API
-  that deduplicates, a double bill for one that does not).
-
-When the peer does not build here, the figures say so and carry the build error.
+- ``ingest``: events acknowledged per second, first send to last acknowledgement;
+  ``end-to-end``: events the sink stored per second, first send until it holds them all.
+  Every run gets a fresh pipeline and a fresh sink. :data:`ROUNDS` rounds, the order of the two
+  alternating each round; the figures are medians, the ratio is the median of each round's ratio.
+- ``rss-peak``: the pipeline's VmRSS, sampled every 100 ms, the largest over its runs.
+- ``sigkill``: a fresh instance is killed with SIGKILL when half the batches are acknowledged and
+  restarted on the same data; the senders resend what was not acknowledged. The page cache survives
+  this, so it cannot tell an fsync'd commit from an unsynced one.
+- ``power-loss``: the pipeline's data on an ext4 loop device (:mod:`bench.powerloss`) with the sink
+  down, so every acknowledged event is still buffered. Once it runs, ``sync`` puts its files on the
+  disk; then the load; right after the last acknowledgement the process is killed and the image
+  copied (what a disk holds after a power cut then), and the pipeline restarted on the copy with the
+  sink up. ``lost-acknowledged`` counts acknowledged events the sink never got.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
+import statistics
 import subprocess
 import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,22 +48,29 @@ import httpx
 import yaml
 from kubemeter.api.rendered import GatewayConfig
 
+from bench import powerloss
 from bench.bench_operator import RssSampler, kubemeter_process, mib, wait_until
+from bench.load import BATCH_CONTENT_TYPE, Sent, event_batches, post_all
 from testbed.controlplane import REPO_ROOT, free_port
 
-ABOUT = "a peer pipeline (Bento) on the same sink"
+ABOUT = "gateway vs Bento 1.5.2: ingest and end to end at 1, 100, 1,000 events/request; SIGKILL; power loss"
 
 BUILD_SCRIPT = REPO_ROOT / "tools" / "peer" / "build.sh"
-BATCH_EVENTS = 100
 SENDERS = 8
-THROUGHPUT_EVENTS = 50_000
-KILL_EVENTS = 30_000
+ROUNDS = 3
+# Events per run for each request size: a few seconds of work for either pipeline here.
+CELLS = {1: 1_000, 100: 20_000, 1000: 40_000}
+KILL_EVENTS = 10_000
+KILL_BATCH_EVENTS = 100
+POWER_EVENTS = 10_000
 INGEST_PATH = "/api/v1/events"
-BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"
-# The example Collector's batching with a 1 s wait. The default rate limit (10 requests/s, for rate-
-# limited billing APIs) would cap delivery at 5,000 events/s; Bento has none, so it is lifted here.
-GATEWAY_BATCH = {"maxEvents": 500, "maxDelaySeconds": 1}
+GOAL_RATIO = 1.5
+GATEWAY_BATCH = {"maxEvents": 1000, "maxDelaySeconds": 0.1}
 GATEWAY_RATE_LIMIT = {"requestsPerSecond": 10_000}
+BENTO_SETTING = "synchronous=0 (rollback journal), its only setting"
+GATEWAY_SETTING = "synchronous=FULL (WAL)"
+
+Starter = Callable[[Path, str], Any]
 
 
 # ---- the two pipelines -------------------------------------------------------------------------
@@ -80,9 +93,20 @@ def answers(url: str) -> bool:
         return False
 
 
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
 @contextmanager
-def bento_process(binary: Path, data_dir: Path, log_path: Path, port: int, sink_url: str) -> Iterator[int]:
+def bento(binary: Path, data_dir: Path, sink_url: str) -> Iterator[tuple[int, str]]:
     data_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
     config = {
         "http": {"address": f"127.0.0.1:{port}"},
         "logger": {"level": "WARN"},
@@ -98,7 +122,7 @@ def bento_process(binary: Path, data_dir: Path, log_path: Path, port: int, sink_
     }
     config_path = data_dir / "bento.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    with log_path.open("ab") as log:
+    with (data_dir / "bento.log").open("ab") as log:
         process = subprocess.Popen(
             [str(binary), "-c", str(config_path)],
             stdout=log,
@@ -106,15 +130,16 @@ def bento_process(binary: Path, data_dir: Path, log_path: Path, port: int, sink_
             start_new_session=True,
         )
     try:
-        wait_until(lambda: answers(f"http://127.0.0.1:{port}/ping"), 30, 0.1, "Bento")
-        yield process.pid
+        wait_until(lambda: answers(f"http://127.0.0.1:{port}/ping"), 30, 0.05, "Bento")
+        yield process.pid, f"http://127.0.0.1:{port}{INGEST_PATH}"
     finally:
         stop(process)
 
 
 @contextmanager
-def gateway_process(data_dir: Path, log_path: Path, port: int, sink_url: str) -> Iterator[int]:
+def gateway(data_dir: Path, sink_url: str) -> Iterator[tuple[int, str]]:
     data_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
     token = data_dir / "billing-token"
     token.write_text("replace-me\n")
     config = GatewayConfig.model_validate(
@@ -136,100 +161,27 @@ def gateway_process(data_dir: Path, log_path: Path, port: int, sink_url: str) ->
     )
     config_path = data_dir / "gateway.yaml"
     config_path.write_text(config.to_yaml())
-    with kubemeter_process(["gateway", "--config", str(config_path)], log_path) as process:
-        wait_until(lambda: answers(f"http://127.0.0.1:{port}/readyz"), 30, 0.1, "kubemeter gateway")
-        yield process.pid
+    with kubemeter_process(["gateway", "--config", str(config_path)], data_dir / "gateway.log") as process:
+        wait_until(lambda: answers(f"http://127.0.0.1:{port}/readyz"), 30, 0.05, "kubemeter gateway")
+        yield process.pid, f"http://127.0.0.1:{port}{INGEST_PATH}"
 
 
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+@contextmanager
+def sink(data_dir: Path) -> Iterator[str]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    args = ["sink", "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data_dir)]
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with kubemeter_process(args, data_dir.parent / f"{data_dir.name}.log"):
+        wait_until(lambda: answers(f"{url}/healthz"), 30, 0.05, "kubemeter sink")
+        yield url
 
 
-# ---- load and counting --------------------------------------------------------------------------
+# ---- counting -----------------------------------------------------------------------------------
 
 
-def event_batches(source: str, events: int) -> list[bytes]:
-    """Batches of usage events shaped as kubemeter emits them, ids unique within ``source``."""
-    batches = []
-    for start in range(0, events, BATCH_EVENTS):
-        batch = [
-            {
-                "specversion": "1.0",
-                "id": f"{source}-{index:08d}",
-                "source": source,
-                "type": "gpu-seconds",
-                "subject": f"customer-{index % 7}",
-                "time": "2026-01-01T00:01:00Z",
-                "datacontenttype": "application/json",
-                "data": {
-                    "value": 60,
-                    "unit": "gpu-seconds",
-                    "window_start": "2026-01-01T00:00:00Z",
-                    "window_end": "2026-01-01T00:01:00Z",
-                    "namespace": "team-a",
-                    "pod": f"train-{index}",
-                    "node": "gpu-0",
-                    "complete": True,
-                },
-            }
-            for index in range(start, min(start + BATCH_EVENTS, events))
-        ]
-        batches.append(json.dumps(batch, separators=(",", ":")).encode())
-    return batches
-
-
-@dataclass
-class Sent:
-    acked: set[int] = field(default_factory=set)
-    first_sent_s: float = 0.0
-    last_acked_s: float = 0.0
-
-
-async def send(
-    url: str,
-    batches: list[bytes],
-    indices: list[int],
-    sent: Sent,
-    retry: bool,
-    on_ack: Callable[[int], None] | None = None,
-) -> None:
-    """POST each batch once (or until acknowledged, with ``retry``) from :data:`SENDERS` workers."""
-    queue = list(reversed(indices))
-    headers = {"Content-Type": BATCH_CONTENT_TYPE}
-    sent.first_sent_s = sent.first_sent_s or time.perf_counter()
-
-    async def worker(client: httpx.AsyncClient) -> None:
-        while queue:
-            index = queue.pop()
-            while True:
-                try:
-                    response = await client.post(url, content=batches[index], headers=headers)
-                    if response.is_success:
-                        sent.acked.add(index)
-                        sent.last_acked_s = time.perf_counter()
-                        if on_ack is not None:
-                            on_ack(len(sent.acked))
-                        break
-                except httpx.HTTPError:
-                    pass
-                if not retry:
-                    break
-                await asyncio.sleep(0.2)
-
-    async with httpx.AsyncClient(timeout=60.0) as client:
-        await asyncio.gather(*(worker(client) for _ in range(SENDERS)))
-
-
-def sink_stats(sink_url: str) -> dict[str, Any]:
-    response = httpx.get(f"{sink_url}/_sink/stats", timeout=30)
-    stats: dict[str, Any] = response.json()
-    return stats
+def stored_events(sink_url: str) -> int:
+    return int(httpx.get(f"{sink_url}/_sink/stats", timeout=30).json()["storedEvents"])
 
 
 def stored_ids(sink_url: str, source: str) -> set[str]:
@@ -239,107 +191,208 @@ def stored_ids(sink_url: str, source: str) -> set[str]:
     return {e["eventId"] for e in response.json()["events"] if e["source"] == source}
 
 
-def wait_stored(sink_url: str, target: int, before: int, settle_s: float = 10.0) -> float:
-    """Poll until the sink holds ``target`` more events (returns when) or stops growing for
-    ``settle_s`` (events were lost; returns then)."""
+def wait_stored(
+    sink_url: str, target: int, settle_s: float = 10.0, poll_s: float = 0.05
+) -> tuple[float, int]:
+    """Poll until the sink holds ``target`` events, or has not grown for ``settle_s`` (then events
+    were lost); returns when, and how many it holds."""
     last, changed_at = -1, time.perf_counter()
     while True:
-        stored = sink_stats(sink_url)["storedEvents"] - before
+        stored = stored_events(sink_url)
         now = time.perf_counter()
         if stored >= target:
-            return now
+            return now, stored
         if stored != last:
             last, changed_at = stored, now
         elif now - changed_at > settle_s:
-            return now
-        time.sleep(0.1)
+            return now, stored
+        time.sleep(poll_s)
+
+
+def acked_ids(source: str, acked: set[int], batch_events: int) -> set[str]:
+    return {f"{source}-{n:08d}" for i in acked for n in range(i * batch_events, (i + 1) * batch_events)}
 
 
 # ---- the measurements ---------------------------------------------------------------------------
 
 
-def throughput(name: str, start: Callable[[Path], Any], work: Path, sink_url: str) -> dict[str, Any]:
-    source = f"bench/{name}/throughput"
-    batches = event_batches(source, THROUGHPUT_EVENTS)
-    before = sink_stats(sink_url)["storedEvents"]
-    with start(work / "throughput") as (pid, url), RssSampler(pid) as rss:
-        sent = Sent()
-        asyncio.run(send(url, batches, list(range(len(batches))), sent, retry=True))
-        stored_at = wait_stored(sink_url, THROUGHPUT_EVENTS, before)
-        stored = len(stored_ids(sink_url, source))
+def throughput_run(start: Starter, work: Path, batch_events: int, events: int, tag: str) -> dict[str, Any]:
+    """One run on a fresh pipeline and a fresh sink: ingest and end-to-end events/s, peak RSS."""
+    source = f"bench/{tag}"
+    bodies = event_batches(source, events, batch_events)
+    with (
+        sink(work / "sink") as sink_url,
+        start(work / "pipeline", sink_url) as (pid, url),
+        RssSampler(pid) as rss,
+    ):
+        sent = asyncio.run(post_all(url, bodies, senders=SENDERS))
+        stored_at, stored = wait_stored(sink_url, events)
     return {
-        "ingest_per_s": THROUGHPUT_EVENTS / (sent.last_acked_s - sent.first_sent_s),
+        "ingest_per_s": len(sent.acked) * batch_events / sent.seconds(),
         "end_to_end_per_s": stored / (stored_at - sent.first_sent_s),
-        "rss_peak": rss.peak_bytes,
         "stored": stored,
+        "rss_peak": rss.peak_bytes,
     }
 
 
-def sigkill(name: str, start: Callable[[Path], Any], work: Path, sink_url: str) -> dict[str, Any]:
-    source = f"bench/{name}/sigkill"
-    batches = event_batches(source, KILL_EVENTS)
-    data_dir = work / "sigkill"
-    before = sink_stats(sink_url)
-    sent = Sent()
-    with start(data_dir) as (pid, url):
+def sigkill(start: Starter, work: Path, tag: str) -> dict[str, Any]:
+    source = f"bench/{tag}/sigkill"
+    bodies = event_batches(source, KILL_EVENTS, KILL_BATCH_EVENTS)
+    with sink(work / "sink") as sink_url:
+        with start(work / "pipeline", sink_url) as (pid, url):
 
-        def kill_at_half(acked_batches: int) -> None:
-            if acked_batches == len(batches) // 2:
-                os.kill(pid, signal.SIGKILL)
+            def kill_at_half(acked_bodies: int) -> None:
+                if acked_bodies == len(bodies) // 2:
+                    os.kill(pid, signal.SIGKILL)
 
-        asyncio.run(send(url, batches, list(range(len(batches))), sent, retry=False, on_ack=kill_at_half))
-    acked_before_kill = set(sent.acked)
-    with start(data_dir) as (_, url):
-        unacked = [i for i in range(len(batches)) if i not in sent.acked]
-        asyncio.run(send(url, batches, unacked, sent, retry=True))
-        wait_stored(sink_url, KILL_EVENTS, before["storedEvents"])
+            sent = asyncio.run(post_all(url, bodies, senders=SENDERS, retry=False, on_ack=kill_at_half))
+        acked = acked_ids(source, sent.acked, KILL_BATCH_EVENTS)
+        with start(work / "pipeline", sink_url) as (_, url):
+            unacked = [i for i in range(len(bodies)) if i not in sent.acked]
+            asyncio.run(
+                post_all(url, bodies, senders=SENDERS, indices=unacked, sent=Sent(acked=set(sent.acked)))
+            )
+            wait_stored(sink_url, KILL_EVENTS, settle_s=5.0)
+            ids = stored_ids(sink_url, source)
+    return {"acked": len(acked), "lost_acknowledged": len(acked - ids), "lost": KILL_EVENTS - len(ids)}
+
+
+def power_loss(start: Starter, work: Path, tag: str) -> dict[str, Any]:
+    """Acknowledged events lost across a simulated power cut (see :mod:`bench.powerloss`)."""
+    source = f"bench/{tag}/power"
+    bodies = event_batches(source, POWER_EVENTS, KILL_BATCH_EVENTS)
+    work.mkdir(parents=True, exist_ok=True)
+    image = powerloss.new_image(work / "disk.img")
+    dead_sink = f"http://127.0.0.1:{free_port()}"  # nothing listens: every event stays buffered
+    volume = work / "before"
+    with powerloss.mounted(image, volume), start(volume / "pipeline", dead_sink) as (pid, url):
+        os.sync()  # files and schema on disk first, as for a service that has run a while
+        sent = asyncio.run(post_all(url, bodies, senders=SENDERS, retry=False))
+        os.kill(pid, signal.SIGKILL)
+        crashed = powerloss.cut_power(image, work / "after-power-cut.img")
+    acked = acked_ids(source, sent.acked, KILL_BATCH_EVENTS)
+    restarted, note = True, ""
+    with sink(work / "sink") as sink_url, powerloss.mounted(crashed, work / "after") as volume:
+        try:
+            with start(volume / "pipeline", sink_url):
+                wait_stored(sink_url, len(acked), settle_s=5.0)
+        except (TimeoutError, RuntimeError) as error:
+            restarted, note = False, str(error)[:300]
         ids = stored_ids(sink_url, source)
-    after = sink_stats(sink_url)
-    acked_ids = {
-        f"{source}-{n:08d}"
-        for i in acked_before_kill
-        for n in range(i * BATCH_EVENTS, (i + 1) * BATCH_EVENTS)
+    image.unlink(missing_ok=True)
+    crashed.unlink(missing_ok=True)
+    return {"acked": len(acked), "lost_acknowledged": len(acked - ids), "restarted": restarted, "note": note}
+
+
+def measure(work: Path, binary: Path) -> dict[str, Any]:
+    starters: dict[str, Starter] = {
+        "kubemeter-gateway": lambda d, s: gateway(d, s),
+        "bento": lambda d, s: bento(binary, d, s),
     }
-    return {
-        "acked_before_kill": len(acked_ids),
-        "lost_acknowledged": len(acked_ids - ids),
-        "lost": KILL_EVENTS - len(ids),
-        "duplicates": after["duplicateEvents"] - before["duplicateEvents"],
-    }
+    runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for round_number in range(ROUNDS):
+        for batch_events, events in CELLS.items():
+            # Alternate who goes first, so a slow moment on the shared machine does not favour one.
+            order = list(starters) if (round_number + batch_events) % 2 == 0 else list(reversed(starters))
+            for name in order:
+                tag = f"{name}/{batch_events}/r{round_number}"
+                result = throughput_run(starters[name], work / tag, batch_events, events, tag)
+                runs.setdefault((name, batch_events), []).append(result)
+                print(
+                    f"round {round_number + 1} {name:<18} {batch_events:>5} events/request: ingest "
+                    f"{result['ingest_per_s']:>9,.0f}/s, end to end {result['end_to_end_per_s']:>9,.0f}/s",
+                    flush=True,
+                )
+    kills = {name: sigkill(start, work / f"{name}-sigkill", name) for name, start in starters.items()}
+    why_not = powerloss.unavailable()
+    power: dict[str, dict[str, Any]] = {}
+    if why_not is None:
+        for name, start in starters.items():
+            try:
+                power[name] = power_loss(start, work / f"{name}-power", name)
+            except RuntimeError as error:  # a mount refused on this machine: say so, do not guess
+                why_not = str(error)[:300]
+                power.clear()
+                break
+    return {"runs": runs, "kills": kills, "power": power, "power_unavailable": why_not}
 
 
-@contextmanager
-def started(
-    factory: Callable[[Path, Path, int], Any], data_dir: Path, logs: Path, name: str
-) -> Iterator[tuple[int, str]]:
-    port = free_port()
-    with factory(data_dir, logs / f"{name}.log", port) as pid:
-        yield pid, f"http://127.0.0.1:{port}{INGEST_PATH}"
+def ratio_per_round(gateway_runs: list[dict[str, Any]], bento_runs: list[dict[str, Any]], key: str) -> float:
+    return float(statistics.median(g[key] / b[key] for g, b in zip(gateway_runs, bento_runs, strict=True)))
 
 
-def measure(work: Path, binary: Path) -> dict[str, dict[str, Any]]:
-    logs = work / "logs"
-    logs.mkdir(parents=True)
-    sink_port = free_port()
-    sink_url = f"http://127.0.0.1:{sink_port}"
-    sink_args = ["sink", "--host", "127.0.0.1", "--port", str(sink_port), "--data-dir", str(work / "sink")]
-    factories: dict[str, Callable[[Path, Path, int], Any]] = {
-        "kubemeter-gateway": lambda d, log, port: gateway_process(d, log, port, sink_url),
-        "bento": lambda d, log, port: bento_process(binary, d, log, port, sink_url),
-    }
-    results: dict[str, dict[str, Any]] = {}
-    with kubemeter_process(sink_args, logs / "sink.log"):
-        wait_until(lambda: answers(f"{sink_url}/healthz"), 30, 0.2, "kubemeter sink")
-        for name, factory in factories.items():
-
-            def start(data_dir: Path, factory: Any = factory, name: str = name) -> Any:
-                return started(factory, data_dir, logs, name)
-
-            results[name] = {
-                **throughput(name, start, work / name, sink_url),
-                **sigkill(name, start, work / name, sink_url),
+def figures_from(measured: dict[str, Any]) -> list[dict[str, Any]]:
+    runs = measured["runs"]
+    figures: list[dict[str, Any]] = []
+    for batch_events in CELLS:
+        gateway_runs, bento_runs = runs[("kubemeter-gateway", batch_events)], runs[("bento", batch_events)]
+        for key, label in (("ingest_per_s", "ingest"), ("end_to_end_per_s", "end-to-end")):
+            for name, these in (("kubemeter-gateway", gateway_runs), ("bento", bento_runs)):
+                other = "bento" if name == "kubemeter-gateway" else "kubemeter-gateway"
+                setting = GATEWAY_SETTING if name == "kubemeter-gateway" else BENTO_SETTING
+                figures.append(
+                    {
+                        "name": f"peer/{name}/{batch_events}-per-request/{label}",
+                        "value": round(statistics.median(r[key] for r in these)),
+                        "unit": f"events/s, median of {len(these)} ({setting})",
+                        "baseline": f"peer/{other}/{batch_events}-per-request/{label}",
+                    }
+                )
+            figures.append(
+                {
+                    "name": f"peer/gateway-over-bento/{batch_events}-per-request/{label}",
+                    "value": round(ratio_per_round(gateway_runs, bento_runs, key), 2),
+                    "unit": f"ratio, median of per-round ratios (Bento at {BENTO_SETTING})",
+                    "baseline": f"goal >= {GOAL_RATIO}",
+                }
+            )
+    for name in ("kubemeter-gateway", "bento"):
+        other = "bento" if name == "kubemeter-gateway" else "kubemeter-gateway"
+        peak = max(r["rss_peak"] for (n, _), rs in runs.items() if n == name for r in rs)
+        figures.append(
+            {
+                "name": f"peer/{name}/rss-peak",
+                "value": mib(peak),
+                "unit": "MiB",
+                "baseline": f"peer/{other}/rss-peak",
             }
-    return results
+        )
+        kill = measured["kills"][name]
+        figures += [
+            {
+                "name": f"peer/{name}/sigkill/lost-acknowledged",
+                "value": kill["lost_acknowledged"],
+                "unit": f"events of {kill['acked']} acknowledged before SIGKILL",
+                "baseline": "0",
+            },
+            {
+                "name": f"peer/{name}/sigkill/lost",
+                "value": kill["lost"],
+                "unit": f"events of {KILL_EVENTS} (unacknowledged batches resent after restart)",
+                "baseline": "0",
+            },
+        ]
+        power = measured["power"].get(name)
+        if power is None:
+            figures.append(
+                {
+                    "name": f"peer/{name}/power-loss/lost-acknowledged",
+                    "value": "not run",
+                    "unit": f"{measured['power_unavailable']}",
+                    "baseline": "0",
+                }
+            )
+        else:
+            restarted = "" if power["restarted"] else f"; did not restart: {power['note']}"
+            figures.append(
+                {
+                    "name": f"peer/{name}/power-loss/lost-acknowledged",
+                    "value": power["lost_acknowledged"],
+                    "unit": f"events of {power['acked']} acknowledged before the power cut{restarted}",
+                    "baseline": "0",
+                }
+            )
+    return figures
 
 
 def run() -> list[dict[str, Any]]:
@@ -354,46 +407,5 @@ def run() -> list[dict[str, Any]]:
             }
         ]
     with tempfile.TemporaryDirectory(prefix="kubemeter-bench-peer-") as scratch:
-        results = measure(Path(scratch), binary)
-    figures: list[dict[str, Any]] = []
-    for name, measured in results.items():
-        other = "bento" if name == "kubemeter-gateway" else "kubemeter-gateway"
-        figures += [
-            {
-                "name": f"peer/{name}/throughput/ingest",
-                "value": round(measured["ingest_per_s"]),
-                "unit": f"events/s acknowledged ({THROUGHPUT_EVENTS} events, batches of {BATCH_EVENTS})",
-                "baseline": f"peer/{other}/throughput/ingest",
-            },
-            {
-                "name": f"peer/{name}/throughput/end-to-end",
-                "value": round(measured["end_to_end_per_s"]),
-                "unit": "events/s stored by the sink",
-                "baseline": f"peer/{other}/throughput/end-to-end",
-            },
-            {
-                "name": f"peer/{name}/rss-peak",
-                "value": mib(measured["rss_peak"]),
-                "unit": "MiB",
-                "baseline": f"peer/{other}/rss-peak",
-            },
-            {
-                "name": f"peer/{name}/sigkill/lost-acknowledged",
-                "value": measured["lost_acknowledged"],
-                "unit": f"events of {measured['acked_before_kill']} acknowledged before SIGKILL",
-                "baseline": "0",
-            },
-            {
-                "name": f"peer/{name}/sigkill/lost",
-                "value": measured["lost"],
-                "unit": f"events of {KILL_EVENTS} (unacknowledged batches resent after restart)",
-                "baseline": "0",
-            },
-            {
-                "name": f"peer/{name}/sigkill/duplicates",
-                "value": measured["duplicates"],
-                "unit": "deliveries of an event the sink already held",
-                "baseline": f"peer/{other}/sigkill/duplicates",
-            },
-        ]
-    return figures
+        measured = measure(Path(scratch), binary)
+    return figures_from(measured)

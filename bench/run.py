@@ -41,7 +41,7 @@ def suites() -> list[str]:
 # minutes apart on a noisy machine). Gateway ingest has its own per-round ratio in the output suite
 # (output/gateway-ingest-fraction-of-sqlite).
 FRACTIONS_OF = {
-    "output/drain-to-local-sink": "output/yardstick-sqlite-batched-insert",
+    "output/drain-to-local-sink": "output/yardstick-sqlite-same-work",
 }
 
 

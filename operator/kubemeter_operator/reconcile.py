@@ -254,18 +254,25 @@ def read_agent_reports(urls: Sequence[str], timeout_s: float) -> list[AgentStatu
     """The agents' reports, read a few at a time; an agent that does not answer is left out."""
     import httpx
 
-    def read(url: str) -> AgentStatusReport | None:
-        try:
-            # A 503 still carries the report (the agent's pod watch is down, say).
-            response = httpx.get(url, timeout=timeout_s)
-            return AgentStatusReport.model_validate(response.json())
-        except Exception as error:
-            log.debug("agent at %s did not report: %s", url, error)
-            return None
-
     if not urls:
         return []
-    with ThreadPoolExecutor(max_workers=min(16, len(urls))) as pool:
+    workers = min(16, len(urls))
+    # One client for the whole round: httpx.get builds a client (and loads the CA bundle) per call,
+    # which cost 41 ms of CPU per agent here (bench/bench_operator.py, resync at 1,000 agents).
+    with (
+        httpx.Client(timeout=timeout_s, limits=httpx.Limits(max_connections=workers)) as client,
+        ThreadPoolExecutor(max_workers=workers) as pool,
+    ):
+
+        def read(url: str) -> AgentStatusReport | None:
+            try:
+                # A 503 still carries the report (the agent's pod watch is down, say).
+                response = client.get(url)
+                return AgentStatusReport.model_validate(response.json())
+            except Exception as error:
+                log.debug("agent at %s did not report: %s", url, error)
+                return None
+
         return [report for report in pool.map(read, urls) if report is not None]
 
 

@@ -50,7 +50,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def run(argv: Sequence[str]) -> int:
+    from kubemeter.agent.memory import limit_malloc_arenas
     from kubemeter.agent.runtime import Agent
+
+    limit_malloc_arenas()
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")

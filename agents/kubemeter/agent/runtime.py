@@ -24,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kubemeter.agent.checkpoint import CheckpointStore
 from kubemeter.agent.http import serve
+from kubemeter.agent.memory import release_freed_memory
 from kubemeter.agent.meters import MeterRunner, World
 from kubemeter.agent.sources import build_source
 from kubemeter.agent.telemetry import Telemetry
@@ -148,6 +149,7 @@ class Agent:
         await pods.synced.wait()
         await namespaces.synced.wait()
         self.apply_meters(self.config)
+        release_freed_memory()  # the first LIST and the CEL parser's tables are garbage now
         background.append(asyncio.create_task(self._watch_config(), name="config"))
         await self._housekeeping()
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from kubemeter.api.rendered import GatewayStatusReport
@@ -59,6 +59,11 @@ class _QueueGauges(Collector):
             "kubemeter_buffer_dropped_events",
             "Events dropped by the DropOldest policy since start",
             value=stats.dropped_events_total,
+        )
+        yield CounterMetricFamily(
+            "kubemeter_buffer_commits",
+            "Transactions the buffer committed, one fsync each (events per commit is the grouping)",
+            value=stats.commits_total,
         )
 
 

@@ -26,6 +26,12 @@ from kubemeter.output.sinks.lago import SubscriptionMapping
 log = logging.getLogger("kubemeter.gateway")
 
 QUEUE_FILE = "queue.db"
+# Batches in flight to the billing API. With 2, each batch's ack (an fsync'd commit) and the API's
+# answer ran one after the other and the API sat idle between them; 8 let acks share commits and
+# kept the sink busy: 30,000 events in 1,000-event requests reached the local sink in 5.1 / 4.6 s
+# against 6.5 / 9.2 s with 2 (alternating runs, bench/bench_peer.py's gateway and sink). The rate
+# limit still spaces request starts.
+DELIVERY_IN_FLIGHT = 8
 
 
 def sink_for(output: OutputSpec) -> Sink:
@@ -57,6 +63,7 @@ def policy_for(output: OutputSpec) -> DeliveryPolicy:
         max_backoff_s=output.retry.max_backoff_seconds,
         requests_per_second=output.rate_limit.requests_per_second,
         request_timeout_s=output.timeout_seconds,
+        max_in_flight=DELIVERY_IN_FLIGHT,
     )
 
 

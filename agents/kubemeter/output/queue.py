@@ -138,6 +138,7 @@ class QueueStats:
     oldest_age_s: float
     dropped_events_total: int
     dead_letters: int
+    commits_total: int = 0  # transactions committed (one fsync each): events / commits is the grouping
 
 
 @dataclass
@@ -223,6 +224,7 @@ class DurableQueue:
             oldest_age_s=0.0 if oldest is None else max(0.0, time.time() - oldest),
             dropped_events_total=self._committed.dropped_events,
             dead_letters=self._committed.dead_letters,
+            commits_total=self._worker.commits_total,
         )
 
     # -- producing ---------------------------------------------------------------------------
