@@ -39,7 +39,8 @@ from testbed.controlplane import REPO_ROOT, wait_for
 EXAMPLE = REPO_ROOT / "examples" / "gpu-chargeback.yaml"
 GRACE_S = 30  # the default terminationGracePeriodSeconds: deletionTimestamp = request + grace
 
-PRICING_FILE = REPO_ROOT / "examples" / "pricing.yaml"  # the terminal table and the HTML use it alike
+# The terminal table and the HTML report are priced by the same file.
+PRICING_FILE = REPO_ROOT / "examples" / "report" / "pricing.yaml"
 
 TEAMS = {"team-a": "acme", "team-b": "globex", "team-c": "initech"}
 

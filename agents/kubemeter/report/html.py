@@ -132,7 +132,7 @@ def _timeline(timeline: Timeline) -> str:
     if not timeline.measure.startswith("cost"):
         hint = (
             f'<p class="meta">No prices given: the chart shows {escape(timeline.measure)}; pass --pricing '
-            "for costs (examples/pricing.yaml).</p>"
+            "for costs (examples/report/pricing.yaml).</p>"
         )
     return hint + chart + data
 

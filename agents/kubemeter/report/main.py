@@ -4,7 +4,7 @@ Examples:
   kubemeter report --url http://localhost:8090 --group-by subject --price GPU-hours=2.5
   kubemeter report --url https://openmeter.example --token-file token --pricing prices.yaml \\
       --group-by subject,gpu_model --format html --output report.html
-  kubemeter report --url http://localhost:8090 --pricing examples/pricing.yaml \\
+  kubemeter report --url http://localhost:8090 --pricing examples/report/pricing.yaml \\
       --customer acme --month 2026-11 --format html --output acme-2026-11.html
 """
 
