@@ -18,7 +18,8 @@ $(BIN)/kubemeter: pyproject.toml
 
 setup: $(BIN)/kubemeter ## create .venv with kubemeter and its test tools
 
-tools: ## build etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kwok, helm, kubeconform (cached)
+tools: ## apt packages (runc, busybox-static, prometheus, openssl) if root, then the Go test binaries (cached)
+	-tools/system-packages.sh
 	tools/build.sh
 
 test: setup tools browser ## the whole suite: lint, types, unit and integration tests on the local control plane

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from testbed.pki import CertificateAuthority, KeyPair
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ADMIN_USER = "kubemeter-test-admin"
 STORAGE_CLASS = "standard"
@@ -143,6 +145,7 @@ class Component:
     argv: list[str]
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] | None = None
 
     def start(self) -> None:
         log = self.log_path.open("ab")
@@ -150,6 +153,7 @@ class Component:
         # The parent-death signal ends it even when the test process itself is SIGKILLed.
         self.process = subprocess.Popen(
             self.argv,
+            env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -193,6 +197,8 @@ class ControlPlane:
     kubelet_ports: dict[str, int] = field(default_factory=dict)
     _provisioner: HostPathProvisioner | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
+    ca: CertificateAuthority = field(init=False)
+    kubelet_client: KeyPair = field(init=False)
 
     # ---- paths -----------------------------------------------------------------------------------
     @property
@@ -277,6 +283,11 @@ class ControlPlane:
         (self.state_dir / "tokens.csv").write_text(
             f'{self.token},{ADMIN_USER},{ADMIN_USER},"system:masters"\n'
         )
+        # Client certificates (the real node's kubelet) and the API server's kubelet client identity.
+        self.ca = CertificateAuthority(self.state_dir / "pki").ensure()
+        self.kubelet_client = self.ca.issue(
+            "apiserver-kubelet-client", "kube-apiserver-kubelet-client", ("system:masters",)
+        )
         sa_key = self.state_dir / "pki" / "sa.key"
         if not sa_key.exists():
             subprocess.run(
@@ -346,6 +357,11 @@ class ControlPlane:
                 f"--secure-port={self.api_port}",
                 f"--cert-dir={self.state_dir / 'pki'}",
                 f"--token-auth-file={self.state_dir / 'tokens.csv'}",
+                f"--client-ca-file={self.ca.cert}",
+                f"--kubelet-client-certificate={self.kubelet_client.cert}",
+                f"--kubelet-client-key={self.kubelet_client.key}",
+                # The real node has no resolvable hostname: logs and exec go to its InternalIP.
+                "--kubelet-preferred-address-types=InternalIP,Hostname",
                 "--authorization-mode=Node,RBAC",
                 "--anonymous-auth=true",
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local",

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds the test-infrastructure binaries (control plane, kwok, helm, kubeconform) from the
-# wrapper Go modules in tools/*/ into a cache outside the clone, keyed by each module's go.sum.
+# Builds the test-infrastructure binaries (control plane, kwok, helm, kubeconform, and the real
+# node: kubelet, containerd + ctr + shim, CNI plugins, pause) from the wrapper Go modules in
+# tools/*/ into a cache outside the clone, keyed by each module's go.mod, go.sum and own sources.
 # Idempotent: a binary whose key is already built is reused, so a warm run takes seconds.
 #   tools/build.sh            build what is missing, link it into $KUBEMETER_TOOLS_BIN
 #   tools/build.sh --bin-dir  print that directory
@@ -30,20 +31,26 @@ done
 # Go names a binary after the package path's last element, skipping a /vN major suffix.
 binary_name() { local b; b=$(basename "$1"); [[ $b =~ ^v[0-9]+$ ]] && b=$(basename "$(dirname "$1")"); echo "$b"; }
 
-# module | ldflags | packages
+# module | ldflags | packages; $tags overrides the build tags. One build of a module at a time per
+# cache (several clones may run this at once): the lock is taken before the check.
 build() {
   local module=$1 ldflags=$2; shift 2
-  local key; key=$(cat "$here/$module/go.mod" "$here/$module/go.sum" | sha256sum | cut -c1-16)
+  local sources=("$here/$module/go.mod" "$here/$module/go.sum")
+  for f in "$here/$module"/*.go; do [ -e "$f" ] && sources+=("$f"); done
+  local key; key=$(cat "${sources[@]}" | sha256sum | cut -c1-16)
   local out="$cache/$module-$key"
-  local missing=0
-  for pkg in "$@"; do [ -x "$out/$(binary_name "$pkg")" ] || missing=1; done
-  if [ $missing = 1 ]; then
-    local started=$SECONDS
-    echo "building $module ($*) into $out" >&2
-    (cd "$here/$module" && go build -trimpath -tags selinux,notest,grpcnotrace -ldflags "$ldflags" -o "$out.tmp/" "$@")
-    rm -rf "$out" && mv "$out.tmp" "$out"
-    echo "built $module in $((SECONDS - started)) s" >&2
-  fi
+  (
+    flock 9
+    local missing=0
+    for pkg in "$@"; do [ -x "$out/$(binary_name "$pkg")" ] || missing=1; done
+    if [ $missing = 1 ]; then
+      local started=$SECONDS
+      echo "building $module ($*) into $out" >&2
+      (cd "$here/$module" && go build -trimpath -tags "${tags:-selinux,notest,grpcnotrace}" -ldflags "$ldflags" -o "$out.tmp/" "$@")
+      rm -rf "$out" && mv "$out.tmp" "$out"
+      echo "built $module in $((SECONDS - started)) s" >&2
+    fi
+  ) 9>"$cache/$module.lock"
   for pkg in "$@"; do ln -sfn "$out/$(binary_name "$pkg")" "$bin/$(binary_name "$pkg")"; done
 }
 
@@ -65,4 +72,20 @@ build kubeconform "-s -w" github.com/yannh/kubeconform/cmd/kubeconform
 build helm "$helm_ldflags" helm.sh/helm/v3/cmd/helm
 build k8s "$k8s_ldflags" k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
   k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl
+# The real node (testbed/realnode.py). The kubelet has its own wrapper module pinned to the same
+# release (tools/k8s/pin.sh pins both), so building it leaves the control plane's cache key alone.
+kubelet_version=$(sed -n 's#^[[:space:]]*k8s.io/kubernetes v\([0-9.]*\).*#\1#p' "$here/kubelet/go.mod")
+if [ "$kubelet_version" != "$k8s_version" ]; then
+  echo "tools/kubelet pins Kubernetes $kubelet_version, tools/k8s $k8s_version; run tools/k8s/pin.sh $k8s_version" >&2
+  exit 1
+fi
+build kubelet "$k8s_ldflags" k8s.io/kubernetes/cmd/kubelet
+containerd_version=$(sed -n 's#^[[:space:]]*github.com/containerd/containerd/v2 \(v[0-9.]*\).*#\1#p' "$here/containerd/go.mod")
+tags="no_btrfs,no_devmapper,no_zfs,no_aufs,urfave_cli_no_docs" build containerd \
+  "-s -w -X github.com/containerd/containerd/v2/version.Version=$containerd_version" \
+  github.com/containerd/containerd/v2/cmd/containerd github.com/containerd/containerd/v2/cmd/ctr \
+  github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2
+build cni "-s -w" github.com/containernetworking/plugins/plugins/main/loopback \
+  github.com/containernetworking/plugins/plugins/main/tap github.com/containernetworking/plugins/plugins/ipam/host-local
+build pause "-s -w" kubemeter.invalid/tools/pause
 echo "tools ready in $bin ($((SECONDS - started)) s)" >&2

@@ -1,0 +1,3 @@
+module kubemeter.invalid/tools/pause
+
+go 1.26.0
