@@ -19,7 +19,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from kubemeter.report.compute import Dimension, build_report, build_timeline, incomplete_usage
+from kubemeter.report.compute import Dimension, build_report
 from kubemeter.report.html import Page, to_html
 from kubemeter.report.pricing import Pricing
 from kubemeter.report.usage import SECONDS_PER_DAY, UsageRow
@@ -77,13 +77,7 @@ def usage_rows(seed: int = 7) -> list[UsageRow]:
 
 def render_page(rows: list[UsageRow]) -> str:
     report = build_report(rows, [Dimension.SUBJECT], PRICING)
-    page = Page(
-        timeline=build_timeline(rows, SECONDS_PER_DAY, PRICING),
-        breakdown=build_report(
-            rows, [Dimension.METER, Dimension.GPU_MODEL, Dimension.SUBJECT], PRICING, None
-        ),
-        incomplete=incomplete_usage(rows),
-    )
+    page = Page.of(rows, SECONDS_PER_DAY, PRICING)
     return to_html(report, "bench", [], page)
 
 

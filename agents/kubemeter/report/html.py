@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from html import escape
 
 from kubemeter.report.compute import (
+    DEFAULT_IDLE_SUBJECT,
     IDLE_LABEL,
     Dimension,
     IncompleteUsage,
@@ -15,7 +16,11 @@ from kubemeter.report.compute import (
     ReportRow,
     Timeline,
     bucket_label,
+    build_report,
+    build_timeline,
+    incomplete_usage,
 )
+from kubemeter.report.pricing import Pricing
 from kubemeter.report.render import cells, extra_rows, headers, notes
 from kubemeter.report.statement import (
     ROUNDING_NOTE,
@@ -26,6 +31,7 @@ from kubemeter.report.statement import (
     quantity_text,
 )
 from kubemeter.report.svg import Series, format_amount, stacked_bars, stacked_columns
+from kubemeter.report.usage import UsageRow
 
 STYLE = """
 body { font: 14px/1.45 "DejaVu Sans", Verdana, sans-serif; margin: 2rem auto; max-width: 960px;
@@ -52,6 +58,22 @@ class Page:
     timeline: Timeline | None = None
     breakdown: Report | None = None  # grouped by meter, GPU model and subject, idle not split out
     incomplete: list[IncompleteUsage] = field(default_factory=list)
+
+    @classmethod
+    def of(
+        cls,
+        usage: Sequence[UsageRow],
+        bucket_seconds: int,
+        pricing: Pricing,
+        idle_subject: str | None = DEFAULT_IDLE_SUBJECT,
+    ) -> Page:
+        """Everything the page shows besides the table, from the same usage rows."""
+        breakdown_by = [Dimension.METER, Dimension.GPU_MODEL, Dimension.SUBJECT]
+        return cls(
+            timeline=build_timeline(usage, bucket_seconds, pricing, idle_subject),
+            breakdown=build_report(usage, breakdown_by, pricing, None),
+            incomplete=incomplete_usage(usage),
+        )
 
 
 def _table(report: Report, css: str = "chargeback") -> str:

@@ -21,8 +21,6 @@ from kubemeter.report.compute import (
     DEFAULT_IDLE_SUBJECT,
     Dimension,
     build_report,
-    build_timeline,
-    incomplete_usage,
 )
 from kubemeter.report.html import Page, statement_html, to_html
 from kubemeter.report.pricing import (
@@ -219,13 +217,7 @@ def _report(
         }
         text = to_json(report, meta)
     else:
-        page = Page(
-            timeline=build_timeline(usage, bucket_s, pricing, args.idle_subject),
-            breakdown=build_report(
-                usage, [Dimension.METER, Dimension.GPU_MODEL, Dimension.SUBJECT], pricing, None
-            ),
-            incomplete=incomplete_usage(usage),
-        )
+        page = Page.of(usage, bucket_s, pricing, args.idle_subject)
         lines = [f"source: {args.url}", f"period: {span}", f"generated: {generated}"]
         text = to_html(report, args.title or "kubemeter chargeback report", lines, page)
     return text

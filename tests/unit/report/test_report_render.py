@@ -7,7 +7,7 @@ import io
 import json
 import xml.etree.ElementTree as ElementTree
 
-from kubemeter.report.compute import Dimension, build_report, build_timeline, incomplete_usage
+from kubemeter.report.compute import Dimension, build_report
 from kubemeter.report.html import Page, to_html
 from kubemeter.report.pricing import Pricing
 from kubemeter.report.render import to_csv, to_json, to_table
@@ -49,13 +49,7 @@ def test_json_rows_and_total() -> None:
 
 def page_for(usage: list[UsageRow], pricing: Pricing, bucket_s: int = 3600) -> str:
     report = build_report(usage, [Dimension.SUBJECT], pricing)
-    page = Page(
-        timeline=build_timeline(usage, bucket_s, pricing),
-        breakdown=build_report(
-            usage, [Dimension.METER, Dimension.GPU_MODEL, Dimension.SUBJECT], pricing, None
-        ),
-        incomplete=incomplete_usage(usage),
-    )
+    page = Page.of(usage, bucket_s, pricing)
     return to_html(report, "chargeback", ["source: x"], page)
 
 
