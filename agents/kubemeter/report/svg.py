@@ -83,6 +83,24 @@ def _defs(chart_id: str, series: Sequence[Series]) -> str:
     return f"<defs>{''.join(patterns)}</defs>"
 
 
+def _bar(
+    chart_id: str,
+    index: int,
+    one: Series,
+    box: tuple[float, float, float, float],
+    label: str,
+    value: float,
+    measure: str,
+) -> str:
+    """One bar segment, titled with what it stands for."""
+    x, y, width, height = box
+    return (
+        f'<rect class="bar" x="{x:.2f}" y="{y:.2f}" width="{width:.2f}" height="{height:.2f}" '
+        f'fill="{_fill(chart_id, index, one)}"><title>{escape(label)}, {escape(one.name)}: '
+        f"{format_amount(value)} {escape(measure)}</title></rect>"
+    )
+
+
 def _open(chart_id: str, width: int, height: int, title: str, description: str) -> list[str]:
     return [
         f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" id="{chart_id}" width="{width}" '
@@ -153,11 +171,7 @@ def stacked_columns(
                 continue
             bar = plot_height * value / top_value
             y -= bar
-            out.append(
-                f'<rect class="bar" x="{x:.2f}" y="{y:.2f}" width="{column:.2f}" height="{bar:.2f}" '
-                f'fill="{_fill(chart_id, index, one)}"><title>{escape(category)}, {escape(one.name)}: '
-                f"{format_amount(value)} {escape(measure)}</title></rect>"
-            )
+            out.append(_bar(chart_id, index, one, (x, y, column, bar), category, value, measure))
         if i % label_every == 0:
             out.append(
                 f'<text x="{x + column / 2:.1f}" y="{bottom + 16}" text-anchor="middle">'
@@ -198,11 +212,7 @@ def stacked_bars(
             if value <= 0:
                 continue
             bar = plot_width * value / largest
-            out.append(
-                f'<rect class="bar" x="{x:.2f}" y="{y + 3}" width="{bar:.2f}" height="{bar_height - 6}" '
-                f'fill="{_fill(chart_id, index, one)}"><title>{escape(label)}, {escape(one.name)}: '
-                f"{format_amount(value)} {escape(measure)}</title></rect>"
-            )
+            out.append(_bar(chart_id, index, one, (x, y + 3, bar, bar_height - 6), label, value, measure))
             x += bar
         out.append(f'<text x="{x + 6:.1f}" y="{y + 15}">{format_amount(totals[i])}</text>')
     out += legend

@@ -6,15 +6,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-
 from bench import powerloss
+from tests.support.ci import unavailable
 
 
 def test_power_cut_keeps_what_was_fsynced_and_drops_what_was_not(tmp_path: Path) -> None:
     why_not = powerloss.unavailable()
     if why_not is not None:
-        pytest.skip(f"the power-loss check cannot run here: {why_not}")
+        unavailable(f"the power-loss check cannot run here: {why_not}")
     image = powerloss.new_image(tmp_path / "disk.img")
     with powerloss.mounted(image, tmp_path / "before") as volume:
         os.sync()  # the fresh filesystem itself is on the disk, as for a volume in use

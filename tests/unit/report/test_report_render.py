@@ -68,56 +68,28 @@ def bars(tree: ElementTree.Element) -> list[ElementTree.Element]:
     return [e for e in tree.iter() if e.tag.endswith("rect") and e.get("class") == "bar"]
 
 
+def timed(subject: str, gpu_seconds: float, bucket: str, incomplete: int = 0, reason: str = "") -> UsageRow:
+    """H200 GPU-seconds in the hour starting at ``bucket`` on 2026-11-01."""
+    return UsageRow(
+        subject,
+        "gpu-seconds",
+        "gpu-seconds",
+        subject[-1],
+        "NVIDIA-H200",
+        "2026-11-01",
+        gpu_seconds,
+        1,
+        incomplete,
+        bucket_start=f"2026-11-01T{bucket}:00Z",
+        incomplete_reason=reason,
+    )
+
+
 TIMED = [
-    UsageRow(
-        "team-a",
-        "gpu-seconds",
-        "gpu-seconds",
-        "a",
-        "NVIDIA-H200",
-        "2026-11-01",
-        7200,
-        2,
-        0,
-        bucket_start="2026-11-01T10:00:00Z",
-    ),
-    UsageRow(
-        "team-a",
-        "gpu-seconds",
-        "gpu-seconds",
-        "a",
-        "NVIDIA-H200",
-        "2026-11-01",
-        3600,
-        1,
-        0,
-        bucket_start="2026-11-01T12:00:00Z",
-    ),
-    UsageRow(
-        "team-<b>",
-        "gpu-seconds",
-        "gpu-seconds",
-        "b",
-        "NVIDIA-H200",
-        "2026-11-01",
-        1800,
-        1,
-        1,
-        bucket_start="2026-11-01T10:00:00Z",
-        incomplete_reason="pod watch down",
-    ),
-    UsageRow(
-        "platform-idle",
-        "gpu-seconds",
-        "gpu-seconds",
-        "",
-        "NVIDIA-H200",
-        "2026-11-01",
-        3600,
-        1,
-        0,
-        bucket_start="2026-11-01T11:00:00Z",
-    ),
+    timed("team-a", 7200, "10:00"),
+    timed("team-a", 3600, "12:00"),
+    timed("team-<b>", 1800, "10:00", incomplete=1, reason="pod watch down"),
+    timed("platform-idle", 3600, "11:00"),
 ]
 
 
