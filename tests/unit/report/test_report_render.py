@@ -74,7 +74,7 @@ def timed(subject: str, gpu_seconds: float, bucket: str, incomplete: int = 0, re
         subject,
         "gpu-seconds",
         "gpu-seconds",
-        subject[-1],
+        "ns",
         "NVIDIA-H200",
         "2026-11-01",
         gpu_seconds,
