@@ -22,6 +22,7 @@ from kubemeter.pipeline import EventShaper, compile_processors, run_processors
 from kubemeter.pipeline.processors import Processor
 from kubemeter.sources.base import PodRecord, Reading, Source
 from kubemeter.sources.informer import Backoff, Informer, now_ms
+from kubemeter.sources.kube import KubeApi
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +61,21 @@ def selector_matches(selector: LabelSelector | None, labels: Mapping[str, str]) 
 class World:
     """What every meter sees of this node: its pods, the namespaces, the node object."""
 
-    def __init__(self, cluster: str, node_name: str, pods: Informer, namespaces: Informer) -> None:
+    def __init__(
+        self,
+        cluster: str,
+        node_name: str,
+        pods: Informer,
+        namespaces: Informer,
+        api: KubeApi | None = None,
+    ) -> None:
         self.cluster = cluster
         self.node_name = node_name
         self.pods = pods
         self.namespaces = namespaces
+        self.api = api
+        # Watches several meters' sources share (the node's ResourceSlices, its node history), by name.
+        self.shared: dict[str, Any] = {}
         self.node: dict[str, Any] = {"metadata": {"name": node_name}}
 
     def namespace(self, name: str) -> dict[str, Any]:
@@ -181,21 +192,29 @@ class MeterRunner:
 
     async def close_window(self, window: Window) -> None:
         pods = self.selected_pods()
-        readings = [r for r in self.source.readings(window, pods) if r.pod_uid in pods]
+        readings = [
+            r for r in self.source.readings(window, pods) if r.pod_uid in pods or r.subject is not None
+        ]
         events = [
-            event for reading in readings if (event := self.to_event(reading, pods[reading.pod_uid], window))
+            event
+            for reading in readings
+            if (event := self.to_event(reading, pods.get(reading.pod_uid), window))
         ]
         if events:
             await self.output.write(events)  # returns only once they are on disk
         self.store.commit_window(
-            self.key, window.end_ms, {r.pod_uid for r in readings}, self.source.snapshot()
+            self.key,
+            window.end_ms,
+            {r.pod_uid for r in readings if r.pod_uid in pods},
+            self.source.snapshot(),
         )
         self.source.committed(window)
         self.cursor_ms = window.end_ms
         self.telemetry.window_closed(self.name, len(events), sum(not r.complete for r in readings))
 
-    def to_event(self, reading: Reading, record: PodRecord, window: Window) -> UsageEvent | None:
-        pod = record.object
+    def to_event(self, reading: Reading, record: PodRecord | None, window: Window) -> UsageEvent | None:
+        """The event of a pod's reading, or of a node-level one (``record`` None, subject given)."""
+        pod = record.object if record is not None else {}
         metadata = pod.get("metadata") or {}
         variables = {
             "pod": {"metadata": metadata, "spec": pod.get("spec") or {}},
@@ -205,6 +224,8 @@ class MeterRunner:
             "node": {"metadata": self.world.node.get("metadata") or {}},
         }
         subject, subject_problem = self.shaper.subject_for(variables)
+        if reading.subject is not None:
+            subject, subject_problem = reading.subject, None
         dimensions, _problems = self.shaper.dimensions_for(variables)
         reasons = [r for r in (reading.incomplete_reason, subject_problem) if r]
         data: dict[str, Any] = {

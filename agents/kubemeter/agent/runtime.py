@@ -101,7 +101,7 @@ class Agent:
             # Pods known before a restart; the relist tells which vanished while the agent was down.
             pods.objects.update(self.store.load_pods())
             pods.healthy_through_ms = self.store.last_heartbeat_ms() or 0
-            self.world = World(self.config.cluster, self.node_name, pods, namespaces)
+            self.world = World(self.config.cluster, self.node_name, pods, namespaces, api)
             self.api, self.credentials = api, credentials
             self.kubelet = KubeletPoller(
                 self.config.interval_seconds * 1000,

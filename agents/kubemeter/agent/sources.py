@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any
 from kubemeter.api.rendered import AgentConfig, ResolvedMeter
 from kubemeter.metering.pods import Basis
 from kubemeter.metering.windows import Window
-from kubemeter.sources.allocation import AllocationSource
+from kubemeter.sources.allocation import AllocationSource, MaxRequestUsageSource
 from kubemeter.sources.base import PodRecord, Progress, Reading, Source
-from kubemeter.sources.kubelet import KubeletPoller, KubeletUsageSource
+from kubemeter.sources.kubelet import KubeletPoller, KubeletUsageSource, Metric
 
 if TYPE_CHECKING:
     from kubemeter.agent.meters import World
@@ -83,8 +83,43 @@ def _build(
     window_ms = meter.spec.window_seconds * 1000
     interval_ms = config.interval_seconds * 1000
     if source.allocation is not None:
+        if source.allocation.basis.value == "maxRequestUsage":
+            metric: Metric = "cpu" if source.allocation.resource == "cpu" else "memory"
+            return MaxRequestUsageSource(
+                AllocationSource(world.pods, source.allocation.resource, "requests"),
+                KubeletUsageSource(metric, window_ms, interval_ms, not_before_ms, kubelet),
+            )
         basis: Basis = "limits" if source.allocation.basis.value == "limits" else "requests"
         return AllocationSource(world.pods, source.allocation.resource, basis)
+    if source.dra is not None:
+        from kubemeter.sources.dra import DeviceFilter, DraSource
+        from kubemeter.sources.dra_devices import shared_node_devices
+
+        where = f"meter {meter.namespace}/{meter.name}: spec.source.dra.selector"
+        return DraSource(
+            shared_node_devices(world, config.interval_seconds, on_error),
+            DeviceFilter(source.dra.driver, source.dra.selector, where),
+            source.dra.per_device,
+        )
+    if source.idle is not None:
+        from kubemeter.sources.dra import DeviceFilter
+        from kubemeter.sources.dra_devices import shared_node_devices
+        from kubemeter.sources.idle import IdleSource, shared_node_history
+
+        idle = source.idle
+        history = shared_node_history(world, config.interval_seconds, on_error)
+        if idle.devices is not None:
+            where = f"meter {meter.namespace}/{meter.name}: spec.source.idle.devices.selector"
+            return IdleSource(
+                history,
+                world.pods,
+                idle.subject,
+                devices=shared_node_devices(world, config.interval_seconds, on_error),
+                device_filter=DeviceFilter(idle.devices.driver, idle.devices.selector, where),
+            )
+        return IdleSource(
+            history, world.pods, idle.subject, resource=idle.resource, model_label=idle.model_label
+        )
     if source.kubelet_usage is not None:
         return KubeletUsageSource(source.kubelet_usage.metric, window_ms, interval_ms, not_before_ms, kubelet)
     if source.nvml is not None:

@@ -28,15 +28,32 @@ from kubemeter.api.common import (
 class AllocationBasis(StrEnum):
     REQUESTS = "requests"
     LIMITS = "limits"
+    MAX_REQUEST_USAGE = "maxRequestUsage"
+
+
+RESOURCE_NAME_PATTERN = r"^([a-z0-9.-]+/)?[A-Za-z0-9][-A-Za-z0-9_.]*$"
+DRIVER_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+# A DeviceClass selector is a short predicate; the agent evaluates it once per device and window.
+DeviceSelector = Annotated[str, Field(min_length=1, max_length=1024)]
 
 
 class AllocationSourceSpec(SpecModel):
     """Allocation integrated exactly from pod lifecycle timestamps: what a pod holds, not what it uses."""
 
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            (
+                "self.basis != 'maxRequestUsage' || self.resource in ['cpu', 'memory']",
+                "spec.source.allocation.basis: maxRequestUsage compares with kubelet usage, which exists "
+                "for cpu and memory only; use basis requests or limits for other resources",
+            )
+        )
+    )
+
     resource: str = Field(
         min_length=1,
         max_length=253,
-        pattern=r"^([a-z0-9.-]+/)?[A-Za-z0-9][-A-Za-z0-9_.]*$",
+        pattern=RESOURCE_NAME_PATTERN,
         description=(
             "The resource name as it appears in a container's resources: cpu, memory, "
             "nvidia.com/gpu, a MIG profile such as nvidia.com/mig-1g.5gb, or any extended resource."
@@ -44,8 +61,119 @@ class AllocationSourceSpec(SpecModel):
     )
     basis: AllocationBasis = Field(
         default=AllocationBasis.REQUESTS,
-        description="Bill what containers request (requests) or what they are capped at (limits).",
+        description=(
+            "Bill what containers request (requests), what they are capped at (limits), or per window "
+            "the larger of the request and the kubelet-measured usage (maxRequestUsage; cpu and memory "
+            "only: core-seconds against the CPU counter's increase, byte-seconds against the working "
+            "set integrated over the window)."
+        ),
     )
+
+    @model_validator(mode="after")
+    def _usage_basis_has_usage(self) -> Self:
+        if self.basis == AllocationBasis.MAX_REQUEST_USAGE and self.resource not in ("cpu", "memory"):
+            raise ValueError(
+                "spec.source.allocation.basis: maxRequestUsage compares with kubelet usage, which exists "
+                "for cpu and memory only; use basis requests or limits for other resources"
+            )
+        return self
+
+
+class DraSourceSpec(SpecModel):
+    """Devices allocated through Dynamic Resource Allocation: the ResourceClaims (named or from a
+    ResourceClaimTemplate) reserved for each pod, billed over the pod's lifecycle exactly as
+    allocation is. A claim shared by several pods is split equally among the pods holding it at
+    each instant."""
+
+    driver: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=63,
+        pattern=DRIVER_NAME_PATTERN,
+        description="Only devices of this DRA driver, e.g. gpu.nvidia.com. Unset: every driver.",
+    )
+    selector: DeviceSelector | None = Field(
+        default=None,
+        description=(
+            "CEL over the device, as in a DeviceClass selector: device.driver, "
+            "device.attributes['gpu.nvidia.com'].productName, device.capacity['gpu.nvidia.com'].memory; "
+            "e.g. device.attributes['gpu.nvidia.com'].type == 'mig'. Attributes come from this node's "
+            "ResourceSlices. Unset: every allocated device."
+        ),
+    )
+    per_device: bool = Field(
+        default=True,
+        description=(
+            "One event per pod, device and window (data carries driver, pool, device, model, "
+            "mig_profile), or false: one event per pod and window with the devices summed."
+        ),
+    )
+
+
+class IdleDevicesSpec(SpecModel):
+    """Which DRA devices of the node an idle meter counts."""
+
+    driver: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=63,
+        pattern=DRIVER_NAME_PATTERN,
+        description="Only devices of this DRA driver, e.g. gpu.nvidia.com. Unset: every driver.",
+    )
+    selector: DeviceSelector | None = Field(
+        default=None, description="CEL over the device, as in spec.source.dra.selector."
+    )
+
+
+class IdleSourceSpec(SpecModel):
+    """A node's idle capacity: allocatable minus what its pods hold (their requests, or the DRA
+    devices allocated to them), per window and node state, billed to one subject. For every node and
+    window: the pods' allocation + idle = allocatable x the time the node was there."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            (
+                "has(self.resource) != has(self.devices)",
+                "spec.source.idle: set exactly one of resource (cpu, memory, nvidia.com/gpu, ...) or "
+                "devices (DRA devices)",
+            )
+        )
+    )
+
+    resource: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=253,
+        pattern=RESOURCE_NAME_PATTERN,
+        description=(
+            "A resource of the node's status.allocatable: cpu, memory, nvidia.com/gpu, a MIG profile or "
+            "any extended resource; pods hold their effective requests of it."
+        ),
+    )
+    devices: IdleDevicesSpec | None = Field(
+        default=None,
+        description="DRA devices of the node's ResourceSlices, grouped by driver, model and MIG profile.",
+    )
+    subject: str = Field(
+        default="platform-idle",
+        min_length=1,
+        max_length=256,
+        description="The subject billed for idle capacity (the event's subject; no pod is involved).",
+    )
+    model_label: str = Field(
+        default="nvidia.com/gpu.product",
+        max_length=316,
+        description="Node label whose value is the event's gpu_model for an nvidia.com/ resource.",
+    )
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Self:
+        if (self.resource is None) == (self.devices is None):
+            raise ValueError(
+                "spec.source.idle: set exactly one of resource (cpu, memory, nvidia.com/gpu, ...) or "
+                "devices (DRA devices)"
+            )
+        return self
 
 
 class KubeletUsageSourceSpec(SpecModel):
@@ -248,15 +376,22 @@ class MeterSource(SpecModel):
     model_config = ConfigDict(
         json_schema_extra=cel_rules(
             (
-                "[has(self.allocation), has(self.kubeletUsage), has(self.nvml), has(self.prometheus), "
-                "has(self.runai)].filter(x, x).size() == 1",
-                "spec.source: set exactly one of allocation, kubeletUsage, nvml, prometheus or runai",
+                "[has(self.allocation), has(self.dra), has(self.idle), has(self.kubeletUsage), "
+                "has(self.nvml), has(self.prometheus), has(self.runai)].filter(x, x).size() == 1",
+                "spec.source: set exactly one of allocation, dra, idle, kubeletUsage, nvml, prometheus "
+                "or runai",
             )
         )
     )
 
     allocation: AllocationSourceSpec | None = Field(
         default=None, description="Allocation of a resource by requests or limits (cpu, memory, GPUs, MIG)."
+    )
+    dra: DraSourceSpec | None = Field(
+        default=None, description="Devices allocated to pods through DRA ResourceClaims (resource.k8s.io/v1)."
+    )
+    idle: IdleSourceSpec | None = Field(
+        default=None, description="The node's idle capacity of a resource or of its DRA devices."
     )
     kubelet_usage: KubeletUsageSourceSpec | None = Field(
         default=None, description="Measured CPU or memory usage from the kubelet."
@@ -270,20 +405,24 @@ class MeterSource(SpecModel):
         chosen = self.chosen_names()
         if len(chosen) != 1:
             raise ValueError(
-                "spec.source: set exactly one of allocation, kubeletUsage, nvml, prometheus or runai"
-                + (f" (found {', '.join(chosen)})" if chosen else "")
+                "spec.source: set exactly one of allocation, dra, idle, kubeletUsage, nvml, prometheus "
+                "or runai" + (f" (found {', '.join(chosen)})" if chosen else "")
             )
         return self
 
     def chosen_names(self) -> list[str]:
         """The wire names of the source fields that are set."""
-        names = ("allocation", "kubelet_usage", "nvml", "prometheus", "runai")
+        names = ("allocation", "dra", "idle", "kubelet_usage", "nvml", "prometheus", "runai")
         return [to_camel(name) for name in names if getattr(self, name) is not None]
 
     def summary(self) -> str:
         """A short human form for ``kubectl get``: ``allocation/nvidia.com/gpu``, ``nvml/energy``."""
         if self.allocation is not None:
             return f"allocation/{self.allocation.resource}"
+        if self.dra is not None:
+            return f"dra/{self.dra.driver or 'all'}"
+        if self.idle is not None:
+            return f"idle/{self.idle.resource or 'devices'}"
         if self.kubelet_usage is not None:
             return f"kubeletUsage/{self.kubelet_usage.metric}"
         if self.nvml is not None:

@@ -14,9 +14,11 @@ from typing import Any
 
 from kubemeter.metering.intervals import Interval, overlap_ms
 from kubemeter.metering.pods import Basis, billable_interval, effective_quantity_milli
+from kubemeter.metering.usage_basis import larger_of_request_and_usage
 from kubemeter.metering.windows import Window
 from kubemeter.sources.base import PodRecord, Reading
 from kubemeter.sources.informer import Informer, now_ms
+from kubemeter.sources.kubelet import KubeletUsageSource
 
 # Pod state older than this at a window's close is a fault worth reporting (settle + barrier time).
 BEHIND_AFTER_MS = 30_000
@@ -90,3 +92,65 @@ class AllocationSource:
 
     def restore(self, state: Mapping[str, Any]) -> None:
         return None
+
+
+class MaxRequestUsageSource:
+    """``basis: maxRequestUsage`` (cpu or memory): per pod and window, the larger of the request held
+    (:class:`AllocationSource`'s value with ``requests``) and the kubelet-measured usage
+    (:class:`kubemeter.sources.kubelet.KubeletUsageSource`: the CPU counter's increase, or the working
+    set integrated over the window). Both are unit-seconds, so the comparison is exact."""
+
+    def __init__(self, requested: AllocationSource, used: KubeletUsageSource) -> None:
+        self.requested = requested
+        self.used = used
+        self.hold_limit_ms = used.hold_limit_ms
+
+    async def run(self) -> None:
+        await asyncio.gather(self.requested.run(), self.used.run())
+
+    def observed_through_ms(self) -> int:
+        return min(self.requested.observed_through_ms(), self.used.observed_through_ms())
+
+    def fault(self) -> str | None:
+        return self.requested.fault() or self.used.fault()
+
+    def readings(self, window: Window, pods: Mapping[str, PodRecord]) -> list[Reading]:
+        requested = {r.pod_uid: r for r in self.requested.readings(window, pods)}
+        used = {r.pod_uid: r for r in self.used.readings(window, pods)}
+        readings: list[Reading] = []
+        for uid, record in pods.items():
+            interval, _ = held_interval(record)
+            held_ms = overlap_ms(interval, window)
+            if held_ms == 0 and uid not in used:
+                continue
+            request = requested.get(uid)
+            usage = used.get(uid)
+            problems = [
+                r.incomplete_reason for r in (request, usage) if r is not None and r.incomplete_reason
+            ]
+            if usage is None and held_ms:
+                problems.append("no kubelet usage for the pod in this window")
+            billed = larger_of_request_and_usage(
+                request.value if request else Decimal(0),
+                usage.value if usage else None,
+                "; ".join(problems) or None,
+            )
+            readings.append(
+                Reading(
+                    uid,
+                    billed.value,
+                    complete=billed.complete,
+                    incomplete_reason=billed.incomplete_reason,
+                    dimensions={"billed_on": billed.basis},
+                )
+            )
+        return readings
+
+    def committed(self, window: Window) -> None:
+        self.used.committed(window)
+
+    def snapshot(self) -> dict[str, Any]:
+        return self.used.snapshot()
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        self.used.restore(state)

@@ -43,7 +43,10 @@ class Reading:
     incomplete_reason: str | None = None
     # What the source knows about the reading that the pod does not say (Run:ai project, GPU model,
     # how a shared GPU was split); merged into the event's data.
-    dimensions: Mapping[str, str] = field(default_factory=dict)
+    dimensions: Mapping[str, Any] = field(default_factory=dict)
+    # Set only on a node-level reading (idle capacity): no pod, ``pod_uid`` keys the event id, and
+    # the source names who is billed.
+    subject: str | None = None
 
 
 # The pods the agent knows on this node (live, deleted, restored from the checkpoint), by uid.

@@ -32,19 +32,39 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     (
         "meter-no-source",
         resource("Meter", with_(METER, source={})),
-        "set exactly one of allocation, kubeletUsage",
+        "set exactly one of allocation, dra, idle, kubeletUsage",
     ),
     (
         "meter-two-sources",
         resource(
             "Meter", with_(METER, source={"allocation": {"resource": "cpu"}, "nvml": {"metric": "energy"}})
         ),
-        "set exactly one of allocation, kubeletUsage, nvml, prometheus or runai",
+        "set exactly one of allocation, dra, idle, kubeletUsage, nvml, prometheus or runai",
     ),
     (
         "meter-bad-basis",
         resource("Meter", with_(METER, source={"allocation": {"resource": "cpu", "basis": "usage"}})),
-        'spec.source.allocation.basis: Unsupported value: "usage": supported values: "requests", "limits"',
+        'spec.source.allocation.basis: Unsupported value: "usage": supported values: "requests", "limits", '
+        '"maxRequestUsage"',
+    ),
+    (
+        "meter-usage-basis-for-a-gpu",
+        resource(
+            "Meter",
+            with_(METER, source={"allocation": {"resource": "nvidia.com/gpu", "basis": "maxRequestUsage"}}),
+        ),
+        "spec.source.allocation.basis: maxRequestUsage compares with kubelet usage, which exists for cpu and "
+        "memory only",
+    ),
+    (
+        "meter-idle-resource-and-devices",
+        resource("Meter", with_(METER, source={"idle": {"resource": "cpu", "devices": {}}})),
+        "spec.source.idle: set exactly one of resource (cpu, memory, nvidia.com/gpu, ...) or devices",
+    ),
+    (
+        "meter-dra-selector-too-long",
+        resource("Meter", with_(METER, source={"dra": {"selector": "true || " * 200 + "true"}})),
+        "spec.source.dra.selector: Too long: may not be more than 1024",
     ),
     (
         "meter-bad-nvml-metric",

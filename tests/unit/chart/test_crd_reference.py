@@ -24,7 +24,8 @@ def test_every_spec_and_status_field_is_listed() -> None:
 
 def test_cel_rules_appear_with_their_messages() -> None:
     page = docgen.render()
-    assert "spec.source: set exactly one of allocation, kubeletUsage, nvml, prometheus or runai" in page
+    message = "spec.source: set exactly one of allocation, dra, idle, kubeletUsage, nvml, prometheus or runai"
+    assert message in page
     assert "`kubectl get` shows: **Type**" in page
 
 

@@ -35,7 +35,7 @@ def test_meter_wire_names_are_camel_case() -> None:
 @pytest.mark.parametrize(
     ("source", "fragment"),
     [
-        ({}, "set exactly one of allocation, kubeletUsage, nvml, prometheus or runai"),
+        ({}, "set exactly one of allocation, dra, idle, kubeletUsage, nvml, prometheus or runai"),
         (
             {"allocation": {"resource": "cpu"}, "nvml": {"metric": "energy"}},
             "(found allocation, nvml)",

@@ -55,7 +55,7 @@ def test_exactly_one_source_is_a_cel_rule_with_a_fix() -> None:
     assert rule["rule"].endswith(".filter(x, x).size() == 1")
     assert (
         rule["message"]
-        == "spec.source: set exactly one of allocation, kubeletUsage, nvml, prometheus or runai"
+        == "spec.source: set exactly one of allocation, dra, idle, kubeletUsage, nvml, prometheus or runai"
     )
 
 
