@@ -75,6 +75,9 @@ class NodeDevices:
             on_error=on_error,
         )
         self.pod_claims: dict[str, PodClaims] = {}
+        # Pods seen on this node that a kept claim is reserved for (a finished holder of a shared
+        # claim the pod cache has forgotten is still this node's, not another node's).
+        self.local_uids: set[str] = set()
         # Every device the node's slices published, with the moment it appeared and (once it is no
         # longer published) the moment it went: the capacity an idle meter counts.
         self.published: dict[DeviceRef, PublishedDevice] = {}
@@ -132,6 +135,14 @@ class NodeDevices:
         for uid in list(self.pod_claims):
             if uid not in self.pods.objects:
                 del self.pod_claims[uid]  # the agent forgot the pod: every window of it is written
+        reserved = {
+            uid
+            for claims in self.pod_claims.values()
+            if not isinstance(claims, Unresolved)
+            for claim in claims
+            for uid in claim.reserved_for
+        }
+        self.local_uids = (self.local_uids | set(self.pods.objects)) & reserved
         if pending == 0 and self.slices.healthy:
             self.observed_ms = max(self.observed_ms, min(started_ms, pods_consistent_ms))
             self.last_error = None
@@ -207,7 +218,7 @@ class NodeDevices:
 
     def foreign_holders(self, claim: ClaimAllocation) -> set[str]:
         """Pods the claim is reserved for that are not on this node (a network-attached device)."""
-        return set(claim.reserved_for) - set(self.pods.objects)
+        return set(claim.reserved_for) - set(self.pods.objects) - self.local_uids
 
     def fault(self) -> str | None:
         return self.last_error
@@ -223,6 +234,7 @@ class NodeDevices:
                 )
                 for uid, claims in self.pod_claims.items()
             },
+            "local_uids": sorted(self.local_uids),
             "presence": [
                 [ref.driver, ref.pool, ref.device, i.start_ms, i.end_ms] for ref, i in self.presence.items()
             ],
@@ -239,6 +251,7 @@ class NodeDevices:
                 if isinstance(data, dict)
                 else [ClaimAllocation.from_json(c) for c in data],
             )
+        self.local_uids |= set(state.get("local_uids") or [])
         for driver, pool, device, start_ms, end_ms in state.get("presence") or []:
             self.presence.setdefault(DeviceRef(driver, pool, device), Interval(start_ms, end_ms))
 

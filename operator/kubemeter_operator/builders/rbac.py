@@ -6,7 +6,8 @@ tests/integration/agent/test_agent_rbac.py runs both components on tokens of exa
 - The agent lists and watches pods (``fieldSelector=spec.nodeName=<its node>``) and namespaces,
   gets its Node, and reads ``/stats/summary`` from its kubelet, which authorises that request with a
   SubjectAccessReview for ``get nodes/stats`` (``nodes/proxy`` would also open exec, logs and every
-  other kubelet API, so it is not granted). RBAC cannot scope a list to a field selector or a Node to
+  other kubelet API, so it is not granted). For dra and idle meters it lists and watches its node's
+  ResourceSlices and gets, by name, the ResourceClaims its pods use. RBAC cannot scope a list to a field selector or a Node to
   "the agent's own", so these are cluster-wide; the agent holds no cluster-wide cache because it asks
   for its node only. It writes nothing to the API.
 - The gateway talks to no Kubernetes API: its ServiceAccount has no binding and no token mounted.
@@ -37,6 +38,10 @@ def agent_cluster_role_rules() -> list[dict[str, Any]]:
         {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]},
         # checked by the kubelet, not the API server: GET /stats/summary on the node's own port
         {"apiGroups": [""], "resources": ["nodes/stats"], "verbs": ["get"]},
+        # dra and idle meters: the node's ResourceSlices (fieldSelector=spec.nodeName=<node>), and
+        # each claim its pods use, read by name as the kubelet reads it; never a claim list
+        {"apiGroups": ["resource.k8s.io"], "resources": ["resourceslices"], "verbs": ["list", "watch"]},
+        {"apiGroups": ["resource.k8s.io"], "resources": ["resourceclaims"], "verbs": ["get"]},
     ]
 
 
@@ -122,6 +127,8 @@ def operator_cluster_role_rules() -> list[dict[str, Any]]:
         {"apiGroups": [""], "resources": ["pods", "namespaces"], "verbs": ["list", "watch"]},
         {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]},
         {"apiGroups": [""], "resources": ["nodes/stats"], "verbs": ["get"]},
+        {"apiGroups": ["resource.k8s.io"], "resources": ["resourceslices"], "verbs": ["list", "watch"]},
+        {"apiGroups": ["resource.k8s.io"], "resources": ["resourceclaims"], "verbs": ["get"]},
         {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["get", "list"]},
         {
             "apiGroups": ["apps"],

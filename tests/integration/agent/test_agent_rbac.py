@@ -71,6 +71,10 @@ AGENT_USES = [
     Access("watch", "namespaces"),
     Access("get", "nodes"),
     Access("get", "nodes", "stats"),
+    # dra and idle meters: the node's ResourceSlices, and each claim of its pods by name
+    Access("list", "resourceslices", group="resource.k8s.io"),
+    Access("watch", "resourceslices", group="resource.k8s.io"),
+    Access("get", "resourceclaims", group="resource.k8s.io"),
 ]
 # Requests a careless role would allow; the agent never makes them.
 AGENT_MUST_NOT = [
@@ -90,6 +94,8 @@ AGENT_MUST_NOT = [
     Access("create", "events", group="events.k8s.io"),
     Access("create", "serviceaccounts", "token"),
     Access("list", "collectors", group="kubemeter.io"),
+    Access("list", "resourceclaims", group="resource.k8s.io"),
+    Access("patch", "resourceclaims", group="resource.k8s.io"),
 ]
 
 

@@ -25,7 +25,7 @@ def test_the_examples_resolve_without_a_single_problem() -> None:
     assert {k: v for k, v in result.pipeline_problems.items() if v} == {}
     assert {k: v for k, v in result.collector_problems.items() if v} == {}
     sources = {m.spec.source.chosen_names()[0] for m in result.collector_meters["chargeback"]}
-    assert sources == {"allocation", "nvml", "prometheus", "runai"}
+    assert sources == {"allocation", "dra", "idle", "nvml", "prometheus", "runai"}
     assert sorted(result.collector_secret_names["chargeback"]) == [
         "prometheus-reader",
         "prometheus-reader",
