@@ -7,9 +7,9 @@ tests/integration/agent/test_agent_rbac.py runs both components on tokens of exa
   gets its Node, and reads ``/stats/summary`` from its kubelet, which authorises that request with a
   SubjectAccessReview for ``get nodes/stats`` (``nodes/proxy`` would also open exec, logs and every
   other kubelet API, so it is not granted). For dra and idle meters it lists and watches its node's
-  ResourceSlices and gets, by name, the ResourceClaims its pods use. RBAC cannot scope a list to a field selector or a Node to
-  "the agent's own", so these are cluster-wide; the agent holds no cluster-wide cache because it asks
-  for its node only. It writes nothing to the API.
+  ResourceSlices and gets, by name, the ResourceClaims its pods use. RBAC cannot scope a list to a
+  field selector or a Node to "the agent's own", so these are cluster-wide; the agent holds no
+  cluster-wide cache because it asks for its node only. It writes nothing to the API.
 - The gateway talks to no Kubernetes API: its ServiceAccount has no binding and no token mounted.
 """
 

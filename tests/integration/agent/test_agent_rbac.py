@@ -156,6 +156,8 @@ def resolved_meters(namespace: str) -> list[ResolvedMeter]:
     return [
         meter("cpu-allocated", {"allocation": {"resource": "cpu", "basis": "requests"}}),
         meter("cpu-used", {"kubeletUsage": {"metric": "cpu"}}),
+        # watches the node's ResourceSlices on the agent's token (a 403 would show in its log)
+        meter("gpu-dra", {"dra": {"driver": "gpu.nvidia.com"}}),
     ]
 
 
