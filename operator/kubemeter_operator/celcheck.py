@@ -16,6 +16,7 @@ from celpy.adapter import json_to_cel
 
 METER_VARIABLES = ("pod", "namespace", "node")
 PROCESSOR_VARIABLES = ("event",)
+DEVICE_VARIABLES = ("device",)  # a DRA device selector, as in a DeviceClass
 
 _UNDECLARED = re.compile(r"undeclared reference to '([^']+)'")
 
@@ -26,6 +27,7 @@ _SAMPLES: dict[str, Any] = {
     },
     "namespace": {"metadata": {"name": "sample", "labels": {}, "annotations": {}}},
     "node": {"metadata": {"name": "node-0", "labels": {}, "annotations": {}}},
+    "device": {"driver": "gpu.nvidia.com", "attributes": {"gpu.nvidia.com": {}}, "capacity": {}},
     "event": {
         "id": "0",
         "source": "kubemeter/sample",

@@ -15,7 +15,12 @@ from kubemeter.api.rendered import ResolvedMeter
 from pydantic import ValidationError
 
 from kubemeter_operator.builders.configmap import secret_dir
-from kubemeter_operator.celcheck import METER_VARIABLES, PROCESSOR_VARIABLES, expression_error
+from kubemeter_operator.celcheck import (
+    DEVICE_VARIABLES,
+    METER_VARIABLES,
+    PROCESSOR_VARIABLES,
+    expression_error,
+)
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,16 @@ def parse_meter(meter: ObjectView) -> tuple[MeterSpec | None, list[Problem]]:
     expressions |= {f"spec.dimensions.{key}": value for key, value in spec.dimensions.items()}
     for where, expression in expressions.items():
         failure = expression_error(expression, METER_VARIABLES)
+        if failure:
+            problems.append(Problem("InvalidExpression", f'Meter "{meter.name}": {where} {failure}'))
+    selectors = {
+        "spec.source.dra.selector": spec.source.dra.selector if spec.source.dra else None,
+        "spec.source.idle.devices.selector": (
+            spec.source.idle.devices.selector if spec.source.idle and spec.source.idle.devices else None
+        ),
+    }
+    for where, selector in selectors.items():
+        failure = expression_error(selector, DEVICE_VARIABLES) if selector else None
         if failure:
             problems.append(Problem("InvalidExpression", f'Meter "{meter.name}": {where} {failure}'))
     return spec, problems

@@ -217,3 +217,19 @@ def test_a_new_problem_posts_one_warning_and_its_fix_posts_a_recovery() -> None:
     assert transition_events(broken, broken) == []
     fixed = meter_status(broken, 3, [], "allocation/cpu", ["c"], LATER)
     assert [e.reason for e in transition_events(broken, fixed)] == ["Recovered"]
+
+
+def test_a_dra_device_selector_that_names_the_pod_is_reported_with_the_names_it_may_use() -> None:
+    good = meter("good", source={"dra": {"selector": "device.attributes['gpu.nvidia.com'].type == 'mig'"}})
+    bad = meter("bad", source={"dra": {"selector": "pod.metadata.name == 'x'"}})
+    broken = meter("broken", source={"idle": {"devices": {"selector": "device.driver =="}}})
+    result = resolve_namespace(
+        [collector()], [pipeline("p", meters=["good", "bad", "broken"])], [good, bad, broken], {}
+    )
+    assert result.meter_problems.get("good", []) == []
+    (problem,) = result.meter_problems["bad"]
+    assert problem.message == (
+        "Meter \"bad\": spec.source.dra.selector uses unknown name 'pod'; it can use only device"
+    )
+    (problem,) = result.meter_problems["broken"]
+    assert problem.message.startswith('Meter "broken": spec.source.idle.devices.selector does not compile')
