@@ -150,7 +150,7 @@ class PublishedDevice:
     def dimensions(self) -> dict[str, str]:
         """Event data for the device: driver, pool, device, and model / MIG profile when published."""
         found = {"driver": self.ref.driver, "pool": self.ref.pool, "device": self.ref.device}
-        for key, attribute in (("model", MODEL_ATTRIBUTE), ("mig_profile", MIG_PROFILE_ATTRIBUTE)):
+        for key, attribute in (("gpu_model", MODEL_ATTRIBUTE), ("mig_profile", MIG_PROFILE_ATTRIBUTE)):
             value = self.own(attribute)
             if value is not None:
                 found[key] = str(value)

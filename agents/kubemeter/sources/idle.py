@@ -298,7 +298,7 @@ class IdleSource:
             segments = _within(node_segments, presence)
             covered = [Holding(i, DEVICE_MILLI) for i in union_of(list(self.devices.holders(ref).values()))]
             dims = published.dimensions() if published else {"driver": ref.driver}
-            key = (ref.driver, dims.get("model", ""), dims.get("mig_profile", ""))
+            key = (ref.driver, dims.get("gpu_model", ""), dims.get("mig_profile", ""))
             groups.setdefault(key, []).extend(idle_by_state(segments, covered, window).values())
             outside_by_group[key] = outside_by_group.get(key, 0) + held_outside_segments_milli_ms(
                 segments, covered, window
@@ -320,7 +320,7 @@ class IdleSource:
                 )
             dimensions = {"resource": "dra-devices", "driver": driver}
             if model:
-                dimensions["model"] = model
+                dimensions["gpu_model"] = model
             if profile:
                 dimensions["mig_profile"] = profile
             group = "/".join((driver, model, profile))

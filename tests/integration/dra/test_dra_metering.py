@@ -194,7 +194,7 @@ def test_dra_devices_allocated_by_the_scheduler_are_billed_exactly_per_pod(
 
     by_pod = {e["data"]["pod"]: e["data"] for e in events if e["type"] == "dra-gpu-seconds"}
     assert by_pod["mig-a"]["mig_profile"] == "1g.10gb" and by_pod["mig-a"]["device"] in mig_devices
-    assert by_pod["train"]["model"] == A100 and by_pod["train"]["driver"] == DRIVER
+    assert by_pod["train"]["gpu_model"] == A100 and by_pod["train"]["driver"] == DRIVER
     assert by_pod["shared-a"]["device"] == by_pod["shared-b"]["device"] == devices["team-gpu"][0]
     assert by_pod["shared-a"]["claim"] == "team-gpu"
     assert len({by_pod[p]["device"] for p in ("train", "short-job", "mig-a", "shared-a")}) == 4

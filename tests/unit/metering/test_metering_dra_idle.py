@@ -175,7 +175,7 @@ def test_slice_attributes_are_qualified_by_the_driver_and_only_the_newest_pool_g
         "driver": "gpu.nvidia.com",
         "pool": "node-a",
         "device": "gpu-0-mig-19-0-1",
-        "model": "NVIDIA A100-SXM4-80GB",
+        "gpu_model": "NVIDIA A100-SXM4-80GB",
         "mig_profile": "1g.10gb",
     }
 
