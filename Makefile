@@ -47,8 +47,10 @@ lint: setup ## ruff (lint + format check) and mypy --strict
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-crds: setup ## regenerate crds/ from the pydantic models
+crds: setup ## regenerate crds/, the chart's copy and docs/crd-reference.md from the pydantic models
 	$(BIN)/python -m kubemeter_operator.crdgen
+	cp crds/*.yaml charts/kubemeter/crds/
+	$(BIN)/python -m kubemeter_operator.docgen
 
 cluster-up: setup tools ## start the local control plane in the background; kubeconfig in .kube/config
 	@mkdir -p .state
