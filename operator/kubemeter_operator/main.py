@@ -83,13 +83,18 @@ def run(argv: Sequence[str]) -> int:
     parser.add_argument(
         "--metrics-port", type=int, default=9090, help="Prometheus /metrics port; 0 disables it"
     )
+    parser.add_argument(
+        "--listen-host",
+        default="0.0.0.0",
+        help="address of /healthz and /metrics (hostNetwork pods bind their pod IP, not every interface)",
+    )
     parser.add_argument("--verbose", "-v", action="store_true")
     parser.add_argument("--log-format", choices=["plain", "full", "json"], default="full")
     args = parser.parse_args(list(argv))
 
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat[args.log_format.upper()])
     if args.metrics_port:
-        start_http_server(args.metrics_port)
+        start_http_server(args.metrics_port, addr=args.listen_host)
     # Two replicas must not both act: the higher priority one runs, the other pauses until it goes.
     priority = args.priority if args.priority is not None else random.randint(1, 2**31 - 1)
     kopf.run(
@@ -98,6 +103,8 @@ def run(argv: Sequence[str]) -> int:
         peering_name=None if args.standalone else PEERING_NAME,  # a name makes peering mandatory
         clusterwide=not args.namespace,
         namespaces=args.namespace,
-        liveness_endpoint=f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None,
+        liveness_endpoint=(
+            f"http://{args.listen_host}:{args.liveness_port}/healthz" if args.liveness_port else None
+        ),
     )
     return 0

@@ -16,6 +16,9 @@ class OperatorSettings:
     resync_seconds: float = 60.0  # full re-check of children, Secrets and gateway stats
     gateway_status_timeout_seconds: float = 2.0
     host_state_root: str = "/var/lib/kubemeter"  # agents' hostPath root; one subdirectory per Collector
+    # host:port of the API server for agent pods, where the kubernetes Service's IP is not reachable
+    # from them (hostNetwork on a cluster without kube-proxy); empty means the Service (in-cluster).
+    pod_api_server: str = ""
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> OperatorSettings:
@@ -30,4 +33,5 @@ class OperatorSettings:
                 env.get("KUBEMETER_GATEWAY_STATUS_TIMEOUT_SECONDS", defaults.gateway_status_timeout_seconds)
             ),
             host_state_root=env.get("KUBEMETER_HOST_STATE_ROOT", defaults.host_state_root),
+            pod_api_server=env.get("KUBEMETER_POD_API_SERVER", defaults.pod_api_server),
         )

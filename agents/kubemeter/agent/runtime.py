@@ -2,7 +2,7 @@
 
 Tasks on one event loop: the pod watch (this node only) and the namespace watch, a node refresher,
 one task per meter (each with its source), the config-file watcher, the checkpoint heartbeat and the
-HTTP server for ``/healthz`` and ``/metrics``.
+HTTP server for ``/healthz``, ``/readyz``, ``/livez`` and ``/metrics``.
 
 On SIGTERM the agent stops its meters and forwards its spool for up to ``SHUTDOWN_GRACE_S``; what
 is left resumes at the next start. If its node has been deleted there is no next start, so it first
@@ -28,7 +28,15 @@ from kubemeter.agent.memory import release_freed_memory
 from kubemeter.agent.meters import MeterRunner, World
 from kubemeter.agent.sources import build_source
 from kubemeter.agent.telemetry import Telemetry
-from kubemeter.api.rendered import HEALTH_PATH, METRICS_PATH, AgentConfig, AgentStatusReport, ResolvedMeter
+from kubemeter.api.rendered import (
+    HEALTH_PATH,
+    LIVENESS_PATH,
+    METRICS_PATH,
+    READINESS_PATH,
+    AgentConfig,
+    AgentStatusReport,
+    ResolvedMeter,
+)
 from kubemeter.metering.windows import next_boundary_ms, window_containing, windows_between
 from kubemeter.output import EventOutput
 from kubemeter.sources.allocation import held_interval
@@ -349,8 +357,20 @@ class Agent:
             ok, body = self.health()
             return (200 if ok else 503), "application/json", json.dumps(body).encode()
 
+        async def livez() -> tuple[int, str, bytes]:
+            # Answered by this event loop, so a hung loop fails it; the API server is not asked: while
+            # it is down the agent keeps metering from its cache and a restart would only lose that.
+            return 200, "text/plain", b"ok\n"
+
         async def metrics() -> tuple[int, str, bytes]:
             return 200, CONTENT_TYPE_LATEST, generate_latest(self.telemetry.registry)
 
-        routes = {HEALTH_PATH: healthz, METRICS_PATH: metrics}
+        # /healthz (the report the operator reads) and /readyz share one answer: 503 while the pod
+        # watch is down.
+        routes = {
+            HEALTH_PATH: healthz,
+            READINESS_PATH: healthz,
+            LIVENESS_PATH: livez,
+            METRICS_PATH: metrics,
+        }
         return await serve(routes, self.metrics_host, self.metrics_port)

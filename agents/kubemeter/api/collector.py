@@ -324,33 +324,21 @@ class AgentSpec(SpecModel):
         max_length=253,
         description="PriorityClass of agent pods, so they are not evicted first.",
     )
-
-
-_INGEST_TOKEN_OWN_SECRET = (
-    "gateway.ingestTokenSecretRef must name a Secret of its own, not the one in "
-    "output.credentialsSecretRef: agents on every node mount the ingest token's Secret and must not "
-    "see the billing API key"
-)
-
-
-class GatewaySpec(SpecModel):
-    replicas: int = Field(
-        default=1,
-        ge=1,
-        le=16,
-        description="Gateway pods, each with its own volume; 2 or more for availability.",
-    )
-    resources: ResourceRequirements = Field(
-        default_factory=_default_gateway_resources, description="Resources of each gateway container."
-    )
-    ingest_token_secret_ref: SecretKeyRef | None = Field(
+    kubelet_ca_secret_ref: SecretKeyRef | None = Field(
         default=None,
         description=(
-            "Secret key holding the bearer token agents and applications send to the gateway's ingest "
-            "(Authorization: Bearer). The gateway accepts every line of it, agents send the first, and "
-            "both re-read it when the kubelet updates the Secret: rotate with no restart by writing "
-            "'new<newline>old', then 'new'. Use a Secret of its own: agents on every node mount it. "
-            "Unset, ingest accepts unauthenticated requests."
+            "Secret key holding the CA bundle that verifies the kubelets' serving certificates (for "
+            "kubeletUsage meters). Unset: the cluster CA (the ServiceAccount's ca.crt), which signs "
+            "kubelet serving certificates issued through CSRs (serverTLSBootstrap)."
+        ),
+    )
+    gateway_url: HttpUrl | None = Field(
+        default=None,
+        description=(
+            "Where agents send their events. Unset means the gateway Service's DNS name, "
+            "http://<collector>-gateway.<namespace>.svc:8480. Set it where agents cannot resolve cluster "
+            "DNS or reach Service IPs, e.g. http://127.0.0.1:8480 with hostNetwork on a single node "
+            "(docs/install.md, hostNetwork mode)."
         ),
     )
 
@@ -389,6 +377,43 @@ class Toleration(SpecModel):
     )
 
 
+_INGEST_TOKEN_OWN_SECRET = (
+    "gateway.ingestTokenSecretRef must name a Secret of its own, not the one in "
+    "output.credentialsSecretRef: agents on every node mount the ingest token's Secret and must not "
+    "see the billing API key"
+)
+
+
+class GatewaySpec(SpecModel):
+    replicas: int = Field(
+        default=1,
+        ge=1,
+        le=16,
+        description="Gateway pods, each with its own volume; 2 or more for availability.",
+    )
+    resources: ResourceRequirements = Field(
+        default_factory=_default_gateway_resources, description="Resources of each gateway container."
+    )
+    ingest_token_secret_ref: SecretKeyRef | None = Field(
+        default=None,
+        description=(
+            "Secret key holding the bearer token agents and applications send to the gateway's ingest "
+            "(Authorization: Bearer). The gateway accepts every line of it, agents send the first, and "
+            "both re-read it when the kubelet updates the Secret: rotate with no restart by writing "
+            "'new<newline>old', then 'new'. Use a Secret of its own: agents on every node mount it. "
+            "Unset, ingest accepts unauthenticated requests."
+        ),
+    )
+    node_selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(
+        default_factory=dict,
+        json_schema_extra={"maxProperties": 32},
+        description="Gateway pods run only on nodes with these labels; empty means any node.",
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, max_length=32, description="Taints gateway pods tolerate."
+    )
+
+
 class CollectorSpec(SpecModel):
     """Where agents run and where their events go."""
 
@@ -415,6 +440,15 @@ class CollectorSpec(SpecModel):
     output: OutputSpec = Field(description="The billing API events are delivered to.")
     buffer: BufferSpec = Field(default_factory=BufferSpec, description="The gateway's durable buffer.")
     gateway: GatewaySpec = Field(default_factory=GatewaySpec, description="The gateway StatefulSet.")
+    host_network: bool = Field(
+        default=False,
+        description=(
+            "Run agent and gateway pods in their node's network namespace (hostNetwork), bound to the "
+            "node's address instead of 0.0.0.0, for clusters where pods have no pod network to each "
+            "other or to the API server. Off by default; the pods then need the Pod Security level "
+            "privileged (docs/security.md, Pod Security)."
+        ),
+    )
 
     @model_validator(mode="after")
     def _ingest_token_in_its_own_secret(self) -> Self:

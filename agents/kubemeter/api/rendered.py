@@ -23,12 +23,18 @@ HOST_PROC_DIR = "/host/proc"
 # Environment the operator sets on agent pods (the config file is shared by every node).
 NODE_NAME_ENV = "KUBEMETER_NODE_NAME"
 POD_NAME_ENV = "KUBEMETER_POD_NAME"
+# With hostNetwork, agents and gateways bind the pod (= node) address it holds, not 0.0.0.0.
+POD_IP_ENV = "KUBEMETER_POD_IP"
 
 # Ports. The gateway serves ingest, /healthz, /metrics and /status on one port; the agent serves
 # /healthz and /metrics.
 GATEWAY_PORT = 8480
 AGENT_METRICS_PORT = 9464
 HEALTH_PATH = "/healthz"
+# Probes: liveness asks only whether the process serves (never the API server, so an API-server outage
+# restarts nothing); readiness asks whether it can do its work right now.
+LIVENESS_PATH = "/livez"
+READINESS_PATH = "/readyz"
 METRICS_PATH = "/metrics"
 GATEWAY_STATUS_PATH = "/status"
 

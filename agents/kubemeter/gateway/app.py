@@ -1,4 +1,4 @@
-"""The gateway's HTTP surface: ingest, /metrics, /healthz, /readyz, /status.
+"""The gateway's HTTP surface: ingest, /metrics, /healthz (= /livez), /readyz, /status.
 
 An ingest request is answered only after its events are committed to disk (204), or refused as a
 whole: 400 malformed, 401 unauthenticated, 503 with ``Retry-After`` when the buffer is full.
@@ -16,11 +16,11 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from kubemeter.api.rendered import GatewayStatusReport
+from kubemeter.api.rendered import LIVENESS_PATH, READINESS_PATH, GatewayStatusReport
 from kubemeter.output.credentials import SecretFile
 from kubemeter.output.delivery import DeliveryCore
 from kubemeter.output.ingest import IngestError, read_cloudevents
-from kubemeter.output.queue import DurableQueue, QueueFullError
+from kubemeter.output.queue import DurableQueue, QueueFullError, WhenFull
 
 INGEST_PATH = "/api/v1/events"
 MAX_REQUEST_BYTES = 32 * 2**20
@@ -101,7 +101,8 @@ class GatewayApp:
         app.router.add_post(INGEST_PATH, self.ingest)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/healthz", self.healthz)
-        app.router.add_get("/readyz", self.readyz)
+        app.router.add_get(LIVENESS_PATH, self.healthz)
+        app.router.add_get(READINESS_PATH, self.readyz)
         app.router.add_get("/status", self.status)
         return app
 
@@ -145,12 +146,29 @@ class GatewayApp:
         return web.Response(body=generate_latest(self.registry), content_type="text/plain", charset="utf-8")
 
     async def healthz(self, request: web.Request) -> web.Response:
+        """Liveness: this event loop answers. Nothing outside the process is asked."""
         return web.Response(text="ok")
 
     async def readyz(self, request: web.Request) -> web.Response:
+        """Readiness: ingest would store events now. 503 while the queue is closed or full (Block), so
+        a Service sends agents to a replica with room; they spool meanwhile."""
+        refusal = self.not_ready_reason()
+        if refusal:
+            return web.Response(status=503, text=refusal + "\n")
+        return web.Response(text="ready\n")
+
+    def not_ready_reason(self) -> str | None:
         if not self.queue.accepting:
-            return web.Response(status=503, text="the queue is closed")
-        return web.Response(text="ready")
+            return "the queue is closed"
+        limits = self.queue.limits
+        if limits.when_full is not WhenFull.BLOCK:
+            return None  # DropOldest makes room for every batch
+        stats = self.queue.stats()
+        if limits.max_bytes is not None and stats.payload_bytes >= limits.max_bytes:
+            return f"the buffer is full: {stats.payload_bytes} of {limits.max_bytes} bytes"
+        if limits.max_age_s is not None and stats.events and stats.oldest_age_s > limits.max_age_s:
+            return f"the buffer is full: its oldest event is {stats.oldest_age_s:.0f} s old (retention)"
+        return None
 
     def status_report(self) -> GatewayStatusReport:
         stats = self.queue.stats()

@@ -140,6 +140,10 @@ def main(argv: Sequence[str]) -> int:
         help="bearer token(s) agents and applications must send, one per line, re-read on change; "
         "overrides ingestTokenFile of the config",
     )
+    parser.add_argument(
+        "--listen-address",
+        help="host:port overriding listenAddress of the config (hostNetwork pods bind their pod IP)",
+    )
     args = parser.parse_args(list(argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1 dumps every thread's stack
@@ -147,5 +151,7 @@ def main(argv: Sequence[str]) -> int:
         config = GatewayConfig.from_yaml(args.config.read_text())
     except (OSError, ValueError) as error:
         parser.error(f"cannot read {args.config}: {error}")
+    if args.listen_address:
+        config = config.model_copy(update={"listen_address": args.listen_address})
     asyncio.run(serve(config, ingest_token_file=args.ingest_token_file))
     return 0

@@ -49,5 +49,11 @@ def build_children(
         get_gateway_headless_service(collector),
         get_gateway_pod_disruption_budget(collector),
         get_gateway_statefulset(collector, spec, settings, gateway_config_hash),
-        get_agent_daemonset(collector, spec, settings, agent_secret_names=agent_secrets),
+        get_agent_daemonset(
+            collector,
+            spec,
+            settings,
+            agent_secret_names=agent_secrets,
+            needs_pod_resources=any(meter.spec.source.nvml is not None for meter in meters),
+        ),
     ]

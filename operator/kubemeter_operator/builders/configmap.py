@@ -29,7 +29,10 @@ GATEWAY_DATA_DIR = "/var/lib/kubemeter/gateway"
 BUFFER_USABLE_FRACTION = 0.9
 
 
-def gateway_url(collector: CollectorRef) -> str:
+def gateway_url(collector: CollectorRef, spec: CollectorSpec | None = None) -> str:
+    """The Service's DNS name, unless the Collector names another address (spec.agent.gatewayUrl)."""
+    if spec is not None and spec.agent.gateway_url:
+        return str(spec.agent.gateway_url).rstrip("/")
     return f"http://{collector.gateway_name}.{collector.namespace}.svc:{GATEWAY_PORT}"
 
 
@@ -51,7 +54,7 @@ def render_agent_config(
         collector=collector.name,
         namespace=collector.namespace,
         meters=sorted(meters, key=lambda meter: meter.name),
-        gateway_url=gateway_url(collector),
+        gateway_url=gateway_url(collector, spec),
         interval_seconds=spec.agent.interval_seconds,
         spool_dir=AGENT_SPOOL_DIR,
         checkpoint_dir=AGENT_CHECKPOINT_DIR,

@@ -1,4 +1,6 @@
-"""The gateway: a StatefulSet whose volumes hold the durable buffer, its Services and its PDB."""
+"""The gateway: a StatefulSet whose volumes hold the durable buffer, its Services and its PDB.
+
+Pod Security (docs/security.md): restricted, unless hostNetwork is on (then privileged)."""
 
 from __future__ import annotations
 
@@ -9,11 +11,21 @@ from kubemeter.api.rendered import (
     CONFIG_DIR,
     GATEWAY_CONFIG_FILENAME,
     GATEWAY_PORT,
-    HEALTH_PATH,
+    LIVENESS_PATH,
+    POD_IP_ENV,
     POD_NAME_ENV,
+    READINESS_PATH,
 )
 
-from kubemeter_operator.builders.agent import container_security_context, http_probe
+from kubemeter_operator.builders.agent import (
+    SECRET_FILE_MODE,
+    container_security_context,
+    host_network_fields,
+    http_probe,
+    pod_ip_env,
+    pod_security_context,
+    startup_probe,
+)
 from kubemeter_operator.builders.common import (
     GATEWAY_CONFIG_HASH_ANNOTATION,
     CollectorRef,
@@ -54,7 +66,11 @@ def get_gateway_statefulset(
         volumes.append(
             {
                 "name": volume_name,
-                "secret": {"secretName": secret.name, "items": [{"key": secret.key, "path": secret.key}]},
+                "secret": {
+                    "secretName": secret.name,
+                    "items": [{"key": secret.key, "path": secret.key}],
+                    "defaultMode": SECRET_FILE_MODE,
+                },
             }
         )
         mounts.append({"name": volume_name, "mountPath": secret_dir(secret.name), "readOnly": True})
@@ -67,6 +83,13 @@ def get_gateway_statefulset(
     }
     if spec.buffer.storage_class_name:
         claim["spec"]["storageClassName"] = spec.buffer.storage_class_name
+    args = ["gateway", "--config", f"{CONFIG_DIR}/{GATEWAY_CONFIG_FILENAME}"]
+    env: list[dict[str, Any]] = [
+        {"name": POD_NAME_ENV, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}
+    ]
+    if spec.host_network:
+        env.append(pod_ip_env())
+        args.append(f"--listen-address=$({POD_IP_ENV}):{GATEWAY_PORT}")  # the node's address only
     return {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
@@ -87,25 +110,25 @@ def get_gateway_statefulset(
                     "automountServiceAccountToken": False,
                     # Long enough to finish an in-flight batch and fsync before the volume moves.
                     "terminationGracePeriodSeconds": 60,
-                    "securityContext": {"fsGroup": 65532, "runAsNonRoot": True, "runAsUser": 65532},
+                    **host_network_fields(spec),
+                    "securityContext": pod_security_context(),
+                    "nodeSelector": dict(spec.gateway.node_selector),
+                    "tolerations": [toleration.to_wire() for toleration in spec.gateway.tolerations],
                     "containers": [
                         {
                             "name": "gateway",
                             "image": settings.image,
                             "imagePullPolicy": settings.image_pull_policy,
-                            "args": ["gateway", "--config", f"{CONFIG_DIR}/{GATEWAY_CONFIG_FILENAME}"],
-                            "env": [
-                                {
-                                    "name": POD_NAME_ENV,
-                                    "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
-                                }
-                            ],
+                            "args": args,
+                            "env": env,
                             "ports": [{"name": "http", "containerPort": GATEWAY_PORT, "protocol": "TCP"}],
+                            "startupProbe": startup_probe(LIVENESS_PATH, "http"),
                             "livenessProbe": http_probe(
-                                HEALTH_PATH, "http", period_seconds=20, failure_threshold=3
+                                LIVENESS_PATH, "http", period_seconds=20, failure_threshold=3
                             ),
+                            # 503 while the buffer is full or closed (GatewayApp.readyz)
                             "readinessProbe": http_probe(
-                                HEALTH_PATH, "http", period_seconds=10, failure_threshold=1
+                                READINESS_PATH, "http", period_seconds=5, failure_threshold=1
                             ),
                             "resources": spec.gateway.resources.to_wire(),
                             "securityContext": container_security_context(),

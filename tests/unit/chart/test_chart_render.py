@@ -35,6 +35,8 @@ EVERYTHING_ON: dict[str, Any] = {
     "networkPolicy.enabled": True,
     "networkPolicy.apiServerCIDRs": ["10.0.0.1/32"],
     "metrics.serviceMonitor.enabled": True,
+    "hostNetwork": True,
+    "apiServerAddress": "127.0.0.1:36443",
 }
 
 

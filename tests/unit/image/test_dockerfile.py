@@ -11,11 +11,11 @@ import subprocess
 import sys
 import tomllib
 import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from testbed.controlplane import REPO_ROOT
 from tests.support.ci import unavailable
+from tools.image.dockerfile import Stage, parse_dockerfile
 
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 HADOLINT_CONFIG = REPO_ROOT / ".hadolint.yaml"
@@ -24,50 +24,6 @@ IMAGE_UID = 65532
 # Flags that only matter inside an image layer; a person installing from source leaves them out.
 LAYER_ONLY_FLAGS = ("--no-cache-dir",)
 BUILD_TOOLS = re.compile(r"\b(pip3?|apt-get|apt|apk|gcc|g\+\+|cc|make|git|curl|wget|build-essential)\b")
-
-
-@dataclass
-class Instruction:
-    keyword: str
-    arguments: str
-
-
-@dataclass
-class Stage:
-    base: str
-    name: str | None
-    instructions: list[Instruction] = field(default_factory=list)
-
-    def all(self, keyword: str) -> list[str]:
-        return [i.arguments for i in self.instructions if i.keyword == keyword]
-
-
-def parse_dockerfile(text: str) -> list[Stage]:
-    """Stages of a Dockerfile: continuation lines joined, comments dropped."""
-    logical: list[str] = []
-    pending = ""
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not pending and (not line or line.startswith("#")):
-            continue
-        if line.startswith("#"):
-            continue  # a comment inside a continued instruction
-        if line.endswith("\\"):
-            pending += line[:-1] + " "
-            continue
-        logical.append(pending + line)
-        pending = ""
-    stages: list[Stage] = []
-    for line in logical:
-        keyword, _, arguments = line.partition(" ")
-        keyword, arguments = keyword.upper(), " ".join(arguments.split())
-        if keyword == "FROM":
-            base, _, name = arguments.partition(" AS ")
-            stages.append(Stage(base.strip(), name.strip() or None))
-        else:
-            assert stages, f"{keyword} before the first FROM"
-            stages[-1].instructions.append(Instruction(keyword, arguments))
-    return stages
 
 
 def stages() -> list[Stage]:

@@ -145,6 +145,7 @@ def test_gateway_keeps_its_buffer_on_volumes_and_drains_before_deleting_them() -
     assert volumes["credentials"]["secret"] == {
         "secretName": "om-token",
         "items": [{"key": "token", "path": "token"}],
+        "defaultMode": 0o440,
     }
     retain = CollectorSpec.model_validate(
         {**SPEC.to_wire(), "buffer": {"size": "10Gi", "storageClassName": "fast"}}

@@ -53,6 +53,7 @@ def test_the_ingest_token_reaches_the_gateway_and_every_agent_at_one_path() -> N
     assert volumes["ingest-token"]["secret"] == {
         "secretName": "ingest",
         "items": [{"key": "token", "path": "token"}],
+        "defaultMode": 0o440,
     }
     mounts = {mount["name"]: mount for mount in gateway["containers"][0]["volumeMounts"]}
     assert mounts["ingest-token"]["mountPath"] + "/token" == TOKEN_FILE
