@@ -63,14 +63,15 @@ def _free_port() -> int:
 
 
 def _event(prefix: str, n: int) -> dict[str, Any]:
-    from datetime import UTC, datetime
+    from datetime import UTC, datetime, timedelta
 
     return UsageEvent(
         id=f"{prefix}-{n:08d}",
         source="kubemeter/bench",
         type="io.kubemeter.gpu.seconds",
         subject=f"team-{n % 16}",
-        time=datetime(2025, 8, 22, 12, n % 60, tzinfo=UTC),
+        # Recent times: the gateway refuses events more than two years old.
+        time=datetime.now(UTC).replace(minute=n % 60, second=0, microsecond=0) - timedelta(hours=1),
         data={
             "value": 60.0,
             "unit": "s",

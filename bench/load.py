@@ -11,11 +11,15 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
 
 BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"
+# The last whole minute: the gateway refuses times more than two years old or a day ahead.
+_END = datetime.now(UTC).replace(second=0, microsecond=0)
+_END_TEXT, _START_TEXT = (f"{moment:%Y-%m-%dT%H:%M:%SZ}" for moment in (_END, _END - timedelta(minutes=1)))
 
 
 def usage_event(source: str, index: int) -> dict[str, Any]:
@@ -26,13 +30,13 @@ def usage_event(source: str, index: int) -> dict[str, Any]:
         "source": source,
         "type": "gpu-seconds",
         "subject": f"customer-{index % 7}",
-        "time": "2026-01-01T00:01:00Z",
+        "time": _END_TEXT,
         "datacontenttype": "application/json",
         "data": {
             "value": 60,
             "unit": "gpu-seconds",
-            "window_start": "2026-01-01T00:00:00Z",
-            "window_end": "2026-01-01T00:01:00Z",
+            "window_start": _START_TEXT,
+            "window_end": _END_TEXT,
             "namespace": "team-a",
             "pod": f"train-{index}",
             "node": "gpu-0",

@@ -232,6 +232,7 @@ class Stack:
             str(self.sink_port),
             "--data-dir",
             str(self.state / "sink"),
+            "--enable-faults",  # the fault suite (make chaos) injects billing-API outages
         )
         wait_for(
             lambda: self.get(f"{self.sink_url}/healthz") is not None, timeout_s=30, what="kubemeter sink"

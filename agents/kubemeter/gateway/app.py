@@ -1,7 +1,11 @@
 """The gateway's HTTP surface: ingest, /metrics, /healthz (= /livez), /readyz, /status.
 
 An ingest request is answered only after its events are committed to disk (204), or refused as a
-whole: 400 malformed, 401 unauthenticated, 503 with ``Retry-After`` when the buffer is full.
+whole: 400 malformed (naming the event and the fix), 401 unauthenticated, 408 body too slow, 413
+too large (also once inflated), 415 an unsupported encoding, 503 with ``Retry-After`` when the
+buffer is full or too many requests are in flight. A client that forwards through
+:class:`~kubemeter.output.delivery.DeliveryCore` (every agent) splits a refused batch to deliver
+the valid events beside a bad one.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import zlib
 from typing import Any
 
 from aiohttp import web
@@ -17,6 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from kubemeter.api.rendered import LIVENESS_PATH, READINESS_PATH, GatewayStatusReport
+from kubemeter.gateway.limits import BodyRefused, ConnectionGuard, HttpLimits
 from kubemeter.output.credentials import SecretFile
 from kubemeter.output.delivery import DeliveryCore
 from kubemeter.output.ingest import IngestError, read_cloudevents
@@ -25,12 +31,42 @@ from kubemeter.output.queue import DurableQueue, QueueFullError, WhenFull
 INGEST_PATH = "/api/v1/events"
 MAX_REQUEST_BYTES = 32 * 2**20
 PROBLEM_JSON = "application/problem+json"
+# zlib's window bits: gzip framing, zlib framing (what "deflate" means in HTTP).
+_INFLATE_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 
 def problem(status: int, title: str, detail: str, headers: dict[str, str] | None = None) -> web.Response:
     """An RFC 9457 problem document, the error shape OpenMeter clients expect."""
     body = {"type": "about:blank", "title": title, "status": status, "detail": detail}
     return web.Response(status=status, body=json.dumps(body), content_type=PROBLEM_JSON, headers=headers)
+
+
+def inflate(body: bytes, encoding: str, max_bytes: int) -> bytes:
+    """``body`` decoded from its Content-Encoding, never more than ``max_bytes`` of it in memory.
+
+    aiohttp's own decoding is turned off (``auto_decompress=False``): it would inflate before any
+    limit applies, so a 1 MB gzip bomb could take a gigabyte."""
+    if encoding in ("", "identity"):
+        return body
+    wbits = _INFLATE_WBITS.get(encoding)
+    if wbits is None:
+        raise BodyRefused(
+            415,
+            "Unsupported Media Type",
+            f"Content-Encoding {encoding!r} is not accepted; send the body as is, or gzip or deflate",
+        )
+    inflater = zlib.decompressobj(wbits)
+    try:
+        inflated = inflater.decompress(body, max_bytes + 1)
+    except zlib.error as error:
+        raise BodyRefused(400, "Bad Request", f"the body is not valid {encoding}: {error}") from error
+    if len(inflated) > max_bytes:
+        raise BodyRefused(
+            413, "Payload Too Large", f"the body inflates past {max_bytes} bytes; send smaller batches"
+        )
+    if not inflater.eof or inflater.unused_data:
+        raise BodyRefused(400, "Bad Request", f"the {encoding} body is truncated or has trailing data")
+    return inflated
 
 
 class _QueueGauges(Collector):
@@ -77,11 +113,13 @@ class GatewayApp:
         delivery: DeliveryCore | None,
         ingest_token: SecretFile | None,
         registry: CollectorRegistry,
+        limits: HttpLimits | None = None,
     ) -> None:
         self.queue = queue
         self.delivery = delivery
         self.ingest_token = ingest_token
         self.registry = registry
+        self.guard = ConnectionGuard(limits or HttpLimits(), registry)
         registry.register(_QueueGauges(queue))
         self.ingested = Counter(
             "kubemeter_ingest_events", "Events accepted by ingest (committed to disk)", registry=registry
@@ -97,7 +135,7 @@ class GatewayApp:
         )
 
     def build(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_REQUEST_BYTES)
+        app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[self.guard.middleware])
         app.router.add_post(INGEST_PATH, self.ingest)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/healthz", self.healthz)
@@ -111,6 +149,8 @@ class GatewayApp:
         if self.ingest_token is None:
             return None
         header = request.headers.get("Authorization", "")
+        if not header.isascii():
+            return "the Authorization header must be ASCII: send 'Authorization: Bearer <token>'"
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
             return "send the gateway token as 'Authorization: Bearer <token>'"
@@ -125,13 +165,16 @@ class GatewayApp:
             self.refused.labels("unauthorized").inc()
             return problem(401, "Unauthorized", refusal, {"WWW-Authenticate": 'Bearer realm="kubemeter"'})
         try:
-            records = read_cloudevents(request.content_type, await request.read())
+            body = await self.guard.read_body(request, MAX_REQUEST_BYTES)
+            encoding = request.headers.get("Content-Encoding", "").strip().lower()
+            records = read_cloudevents(request.content_type, inflate(body, encoding, MAX_REQUEST_BYTES))
         except IngestError as error:
             self.refused.labels("malformed").inc()
             return problem(400, "Bad Request", str(error))
-        except web.HTTPRequestEntityTooLarge:
-            self.refused.labels("too_large").inc()
-            return problem(413, "Payload Too Large", f"send at most {MAX_REQUEST_BYTES} bytes per request")
+        except BodyRefused as refused:
+            reason = {408: "body_timeout", 413: "too_large", 415: "encoding"}.get(refused.status, "malformed")
+            self.refused.labels(reason).inc()
+            return problem(refused.status, refused.title, refused.detail)
         try:
             await self.queue.enqueue(records)
         except QueueFullError as error:

@@ -10,12 +10,12 @@ import signal
 from collections.abc import Sequence
 from pathlib import Path
 
-from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from kubemeter.api.collector import BufferFullPolicy, CloudEventsMode, OutputSpec, OutputType
 from kubemeter.api.rendered import GatewayConfig
 from kubemeter.gateway.app import GatewayApp
+from kubemeter.gateway.limits import HttpLimits, add_limit_arguments, limits_from, make_runner, start_site
 from kubemeter.output.credentials import SecretFile
 from kubemeter.output.delivery import DeliveryCore, DeliveryPolicy, Sink
 from kubemeter.output.queue import DurableQueue, QueueLimits, WhenFull
@@ -84,7 +84,9 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-async def serve(config: GatewayConfig, *, ingest_token_file: Path | None) -> None:
+async def serve(
+    config: GatewayConfig, *, ingest_token_file: Path | None, limits: HttpLimits | None = None
+) -> None:
     host, port = split_address(config.listen_address)
     queue = await DurableQueue.open(Path(config.data_dir) / QUEUE_FILE, limits_for(config))
     registry = CollectorRegistry()
@@ -101,11 +103,11 @@ async def serve(config: GatewayConfig, *, ingest_token_file: Path | None) -> Non
     token = SecretFile(token_path) if token_path else None
     if token is None:
         log.warning("no ingest token file given: anyone who reaches the gateway can send events")
-    gateway = GatewayApp(queue, delivery=delivery, ingest_token=token, registry=registry)
-    runner = web.AppRunner(gateway.build(), access_log=None)
+    limits = limits or HttpLimits()
+    gateway = GatewayApp(queue, delivery=delivery, ingest_token=token, registry=registry, limits=limits)
+    runner = make_runner(gateway.build(), limits)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
-    await site.start()
+    listener = await start_site(runner, gateway.guard, host, port)
     await delivery.start()
     stats = queue.stats()
     log.info(
@@ -125,9 +127,10 @@ async def serve(config: GatewayConfig, *, ingest_token_file: Path | None) -> Non
         await stop.wait()
     finally:
         log.info("stopping: no more ingest; undelivered events stay on the volume")
-        await site.stop()
+        listener.close()
         await delivery.stop()
         await runner.cleanup()
+        await listener.wait_closed()
         await queue.close()
 
 
@@ -144,7 +147,9 @@ def main(argv: Sequence[str]) -> int:
         "--listen-address",
         help="host:port overriding listenAddress of the config (hostNetwork pods bind their pod IP)",
     )
+    add_limit_arguments(parser)
     args = parser.parse_args(list(argv))
+    limits = limits_from(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1 dumps every thread's stack
     try:
@@ -153,5 +158,5 @@ def main(argv: Sequence[str]) -> int:
         parser.error(f"cannot read {args.config}: {error}")
     if args.listen_address:
         config = config.model_copy(update={"listen_address": args.listen_address})
-    asyncio.run(serve(config, ingest_token_file=args.ingest_token_file))
+    asyncio.run(serve(config, ingest_token_file=args.ingest_token_file, limits=limits))
     return 0

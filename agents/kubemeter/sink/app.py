@@ -11,7 +11,12 @@ Each dialect answers as the real API does (status codes, error bodies, deduplica
 - CloudEvents ``POST /cloudevents``: structured or batch mode, dedup on (source, id), 204.
 
 With spec validators loaded, a body that does not match the API's OpenAPI schema is refused with
-400 and counted in ``specViolations``.
+400 and counted in ``specViolations``. Bad input of any kind is answered 4xx with the reason, never
+500: a body that is not UTF-8 JSON, nested too deeply, a query parameter that is not a number.
+
+Fault injection (``/_sink/faults``) is off unless the sink is started with it, and then needs the
+sink's token when it has one; a fault is held as (answer, count), so its memory does not grow with
+``requests``.
 """
 
 from __future__ import annotations
@@ -24,14 +29,23 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
 
 from kubemeter.events import format_rfc3339
+from kubemeter.gateway.limits import BodyRefused, ConnectionGuard, HttpLimits
 from kubemeter.output.credentials import SecretFile
 from kubemeter.output.ingest import BATCH, STRUCTURED, IngestError, cloudevent_problem, media_type
 from kubemeter.sink.specs import RequestValidator, SpecValidators
 from kubemeter.sink.store import BilledEvent, UsageStore
 
 FLEXPRICE_MAX_BULK_EVENTS = 1000
+MAX_REQUEST_BYTES = 64 * 2**20
+MAX_FAULT_REQUESTS = 1_000_000
+MAX_FAULT_ENTRIES = 1000
+MAX_RETRY_AFTER_S = 3600
+MAX_EVENTS_LIMIT = 100_000
+# Unix seconds Lago can store: from 1970 to the end of year 9999.
+MAX_UNIX_SECONDS = 253_402_300_799
 _SEP = "\x1f"
 
 
@@ -41,6 +55,28 @@ class Fault:
 
     status: int
     retry_after_s: float | None = None
+
+
+def fault_from(body: Any) -> tuple[Fault, int]:
+    """The fault and how many requests it answers, from ``/_sink/faults``'s body; ValueError names
+    what is wrong."""
+    if not isinstance(body, dict):
+        raise ValueError('send a JSON object, e.g. {"status": 503, "requests": 3}')
+    status = body.get("status")
+    # 1xx is not a final answer; below 100 or above 599 is not a status line at all.
+    if isinstance(status, bool) or not isinstance(status, int) or not 200 <= status <= 599:
+        raise ValueError(f"status must be an HTTP status code from 200 to 599, got {status!r}")
+    requests = body.get("requests", 1)
+    if isinstance(requests, bool) or not isinstance(requests, int) or not 1 <= requests <= MAX_FAULT_REQUESTS:
+        raise ValueError(f"requests must be an integer from 1 to {MAX_FAULT_REQUESTS}, got {requests!r}")
+    retry_after = body.get("retryAfterSeconds")
+    if retry_after is not None and (
+        isinstance(retry_after, bool)
+        or not isinstance(retry_after, int | float)
+        or not 0 <= retry_after <= MAX_RETRY_AFTER_S
+    ):
+        raise ValueError(f"retryAfterSeconds must be a number from 0 to {MAX_RETRY_AFTER_S}, or null")
+    return Fault(status=status, retry_after_s=retry_after), requests
 
 
 class Refusal(Exception):
@@ -87,15 +123,34 @@ class SinkApp:
         token: SecretFile | None = None,
         validators: SpecValidators | None = None,
         lago_max_batch_events: int = 100,
+        faults_enabled: bool = False,
+        limits: HttpLimits | None = None,
     ) -> None:
         self.store = store
         self.token = token
         self.validators = validators
         self.lago_max_batch_events = lago_max_batch_events
-        self.faults: deque[Fault] = deque()
+        self.faults_enabled = faults_enabled
+        # [fault, requests it still answers], oldest first.
+        self.faults: deque[list[Any]] = deque()
+        self.registry = CollectorRegistry()
+        self.guard = ConnectionGuard(limits or HttpLimits(), self.registry)
+
+    def _next_fault(self) -> Fault | None:
+        if not self.faults:
+            return None
+        entry = self.faults[0]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.faults.popleft()
+        fault: Fault = entry[0]
+        return fault
+
+    def queued_faults(self) -> int:
+        return sum(count for _, count in self.faults)
 
     def build(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 2**20)
+        app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[self.guard.middleware])
         app.router.add_post("/api/v1/events", self.openmeter_or_lago_single)
         app.router.add_post("/api/v1/events/batch", self.lago_batch)
         app.router.add_post("/v1/events/bulk", self.flexprice_bulk)
@@ -107,22 +162,20 @@ class SinkApp:
         app.router.add_post("/_sink/faults", self.add_faults)
         app.router.add_delete("/_sink/faults", self.clear_faults)
         app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/metrics", self.metrics)
         return app
 
     # -- ingest ------------------------------------------------------------------------------
 
     async def _ingest(self, request: web.Request, api: str, handler: Any) -> web.Response:
         await self.store.bump(f"requests_{api}")
-        if self.faults:
-            fault = self.faults.popleft()
+        fault = self._next_fault()
+        if fault is not None:
             headers = {} if fault.retry_after_s is None else {"Retry-After": f"{fault.retry_after_s:g}"}
             return web.json_response({"error": "injected fault"}, status=fault.status, headers=headers)
         try:
             self._check_auth(request, api)
-            try:
-                document = json.loads(await request.read())
-            except ValueError as error:
-                raise Refusal(self._error(api, 400, f"Invalid request payload: {error}")) from error
+            document = await self._read_json(request, api)
             response: web.Response = await handler(request, document)
             return response
         except Refusal as refusal:
@@ -131,15 +184,38 @@ class SinkApp:
                 await self.store.bump("spec_violations")
             return refusal.response
 
-    def _check_auth(self, request: web.Request, api: str) -> None:
-        if self.token is None:
-            return
+    async def _read_json(self, request: web.Request, api: str) -> Any:
+        try:
+            body = await self.guard.read_body(request, MAX_REQUEST_BYTES)
+        except BodyRefused as refused:
+            raise Refusal(self._error(api, refused.status, refused.detail)) from refused
+        if request.headers.get("Content-Encoding", "identity").lower() != "identity":
+            raise Refusal(self._error(api, 415, "send the body uncompressed (no Content-Encoding)"))
+        try:
+            document = json.loads(body)
+            # A lone surrogate escape parses, but is not text any store could keep.
+            json.dumps(document, ensure_ascii=False).encode()
+        except (ValueError, UnicodeEncodeError) as error:
+            raise Refusal(self._error(api, 400, f"Invalid request payload: {error}")) from error
+        except RecursionError as error:
+            message = "Invalid request payload: nested too deeply to parse"
+            raise Refusal(self._error(api, 400, message)) from error
+        return document
+
+    def _presented_token(self, request: web.Request, api: str) -> str:
         if api == "flexprice":
             presented = request.headers.get("x-api-key", "")
         else:
             scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
             presented = presented if scheme.lower() == "bearer" else ""
-        if not presented or not self.token.accepts(presented.strip()):
+        # aiohttp keeps undecodable header bytes as surrogates; no token is anything but ASCII.
+        return presented.strip() if presented.isascii() else ""
+
+    def _check_auth(self, request: web.Request, api: str) -> None:
+        if self.token is None:
+            return
+        presented = self._presented_token(request, api)
+        if not presented or not self.token.accepts(presented):
             raise Refusal(self._error(api, 401, "Invalid API key" if api == "flexprice" else "Unauthorized"))
 
     def _error(self, api: str, status: int, message: str, details: Any = None) -> web.Response:
@@ -154,6 +230,8 @@ class SinkApp:
             if details is not None:
                 body["details"] = details
             return web.json_response(body, status=status)
+        if status in (408, 413, 415):
+            return web.json_response({"status": status, "error": message}, status=status)
         if api == "lago":
             if status == 422:
                 return web.json_response(
@@ -184,7 +262,10 @@ class SinkApp:
     async def openmeter_or_lago_single(self, request: web.Request) -> web.Response:
         # Lago's single-event endpoint shares the path; its body is {"event": {...}}.
         if media_type(request.content_type) == "application/json":
-            body = await request.read()
+            try:
+                body = await self.guard.read_body(request, MAX_REQUEST_BYTES)
+            except BodyRefused:
+                body = b""  # _ingest answers it
             if body.lstrip().startswith(b"{") and b'"specversion"' not in body:
                 return await self._ingest(request, "lago", self._lago_single)
         return await self._ingest(request, "openmeter", self._openmeter)
@@ -366,6 +447,8 @@ class SinkApp:
             time_s = datetime.now(UTC).timestamp() if stamp is None else float(str(stamp))
         except ValueError:
             raise ValueError("timestamp:invalid_format") from None
+        if not 0 <= time_s <= MAX_UNIX_SECONDS:  # also NaN
+            raise ValueError("timestamp:invalid_format")
         properties = event.get("properties") or {}
         try:
             value, dimensions = _split_value(properties)
@@ -393,7 +476,15 @@ class SinkApp:
             text = query.get(name)
             return None if not text else _rfc3339_seconds(text)
 
-        window = query.get("windowSeconds")
+        def window_seconds() -> float | None:
+            text = query.get("windowSeconds")
+            if not text:
+                return None
+            window_s = float(text)
+            if not math.isfinite(window_s) or window_s <= 0:
+                raise ValueError(f"windowSeconds is {text!r}")
+            return window_s
+
         try:
             rows = await self.store.usage(
                 subject=query.get("subject"),
@@ -401,11 +492,11 @@ class SinkApp:
                 api=query.get("api"),
                 from_s=seconds("from"),
                 to_s=seconds("to"),
-                window_s=float(window) if window else None,
+                window_s=window_seconds(),
                 group_by=query.getall("groupBy", []),
             )
-        except ValueError as error:
-            message = f"bad query: {error}; times are RFC 3339, windowSeconds a number"
+        except (ValueError, OverflowError) as error:
+            message = f"bad query: {error}; times are RFC 3339, windowSeconds a positive number of seconds"
             raise web.HTTPBadRequest(text=message) from error
         for row in rows:
             for edge in ("windowStart", "windowEnd"):
@@ -414,7 +505,12 @@ class SinkApp:
         return web.json_response({"data": rows})
 
     async def events(self, request: web.Request) -> web.Response:
-        limit = int(request.query.get("limit", "100000"))
+        text = request.query.get("limit", str(MAX_EVENTS_LIMIT))
+        if not text.isdigit() or not 1 <= int(text) <= MAX_EVENTS_LIMIT:
+            raise web.HTTPBadRequest(
+                text=f"limit must be an integer from 1 to {MAX_EVENTS_LIMIT}, got {text!r}"
+            )
+        limit = int(text)
         return web.json_response(
             {"events": await self.store.events(api=request.query.get("api"), limit=limit)}
         )
@@ -435,16 +531,45 @@ class SinkApp:
             }
         )
 
+    def _faults_refusal(self, request: web.Request) -> web.Response | None:
+        if not self.faults_enabled:
+            return web.json_response(
+                {"error": "fault injection is off; start the sink with --enable-faults"}, status=404
+            )
+        if self.token is not None:
+            presented = self._presented_token(request, "faults")
+            if not presented or not self.token.accepts(presented):
+                return web.json_response(
+                    {"error": "send the sink's token as 'Authorization: Bearer <token>'"}, status=401
+                )
+        return None
+
     async def add_faults(self, request: web.Request) -> web.Response:
         """``{"status": 429, "retryAfterSeconds": 1, "requests": 3}``: the next 3 ingest answers."""
-        body = await request.json()
-        fault = Fault(status=int(body["status"]), retry_after_s=body.get("retryAfterSeconds"))
-        self.faults.extend([fault] * int(body.get("requests", 1)))
-        return web.json_response({"queued": len(self.faults)})
+        refusal = self._faults_refusal(request)
+        if refusal is not None:
+            return refusal
+        try:
+            fault, requests = fault_from(await self._read_json(request, "faults"))
+        except Refusal as refused:
+            return refused.response
+        except ValueError as error:
+            return web.json_response({"error": str(error)}, status=400)
+        if len(self.faults) >= MAX_FAULT_ENTRIES:
+            message = f"{MAX_FAULT_ENTRIES} faults are queued; DELETE /_sink/faults first"
+            return web.json_response({"error": message}, status=409)
+        self.faults.append([fault, requests])
+        return web.json_response({"queued": self.queued_faults()})
 
     async def clear_faults(self, request: web.Request) -> web.Response:
+        refusal = self._faults_refusal(request)
+        if refusal is not None:
+            return refusal
         self.faults.clear()
         return web.json_response({"queued": 0})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.registry), content_type="text/plain", charset="utf-8")
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok")

@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -112,6 +112,7 @@ class LocalBillingApi:
             token=token,
             validators=spec_validators(),
             lago_max_batch_events=self.lago_max_batch_events,
+            faults_enabled=True,
         )
         self._runner = web.AppRunner(self.app.build(), access_log=None)
         await self._runner.setup()
@@ -141,7 +142,11 @@ class LocalBillingApi:
     async def inject(self, status: int, *, requests: int = 1, retry_after_s: float | None = None) -> None:
         async with httpx.AsyncClient() as client:
             body = {"status": status, "requests": requests, "retryAfterSeconds": retry_after_s}
-            (await client.post(f"{self.url}/_sink/faults", json=body)).raise_for_status()
+            # Fault injection needs the sink's token when it has one.
+            token = self.token_file.read_text().split()[0] if self.token_file else None
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            reply = await client.post(f"{self.url}/_sink/faults", json=body, headers=headers)
+            reply.raise_for_status()
 
 
 def assert_exactly_once(stats: dict[str, Any], events: list[dict[str, Any]], expected_ids: set[str]) -> None:
@@ -190,9 +195,15 @@ class GatewayProcess:
     """``python -m kubemeter_cli gateway`` as a child process (so it can be SIGKILLed)."""
 
     def __init__(
-        self, work_dir: Path, config: GatewayConfig, *, ingest_token_file: Path | None = None
+        self,
+        work_dir: Path,
+        config: GatewayConfig,
+        *,
+        ingest_token_file: Path | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.work_dir = work_dir
+        self.extra_args = list(extra_args)
         self.config = config
         self.port = int(config.listen_address.rpartition(":")[2])
         self.config_path = work_dir / "gateway.yaml"
@@ -210,6 +221,7 @@ class GatewayProcess:
         command = [sys.executable, "-m", "kubemeter_cli", "gateway", "--config", str(self.config_path)]
         if self.ingest_token_file:
             command += ["--ingest-token-file", str(self.ingest_token_file)]
+        command += self.extra_args
         log = self.log_path.open("ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env)

@@ -4,6 +4,7 @@ rules accept, stores the event unchanged, and refuses with the reference rules' 
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,6 +28,13 @@ def cloudevent(**changes: Any) -> dict[str, Any]:
     }
     event.update(changes)
     return {k: v for k, v in event.items() if v is not ...}
+
+
+def _nested(levels: int) -> Any:
+    node: Any = 1
+    for _ in range(levels):
+        node = {"n": node}
+    return node
 
 
 EDGE_CASES: list[Any] = [
@@ -61,6 +69,30 @@ EDGE_CASES: list[Any] = [
     cloudevent(data_base64="AA=="),
     cloudevent(data_base64=None),
     cloudevent(datacontenttype="text/plain"),
+    # what a billing API would refuse after the ack
+    cloudevent(data={"value": -1}),
+    cloudevent(data={"value": -0.001}),
+    cloudevent(data={"value": "ten"}),
+    cloudevent(data={"value": True}),
+    cloudevent(data={"value": [1]}),
+    cloudevent(data={"value": None}),
+    cloudevent(data={"value": 0}),
+    cloudevent(data={"value": 2**70}),
+    cloudevent(data={"value": 1, "bytes": 10**400}),
+    cloudevent(data={"value": 1, "deep": {"a": {"b": [1]}}}),
+    cloudevent(data={"value": 1, "deep": _nested(40)}),
+    cloudevent(id="i" * 256),
+    cloudevent(id="i" * 257),
+    cloudevent(subject="s" * 300),
+    cloudevent(source="s" * 257),
+    cloudevent(type="t" * 257),
+    cloudevent(time="2025-03-02T08:29:59Z"),
+    cloudevent(time="2025-03-02T08:30:01Z"),
+    cloudevent(time="2023-02-28T08:30:00Z"),
+    cloudevent(time="2023-02-27T08:30:00Z"),
+    cloudevent(time="9999-12-31T23:59:59Z"),
+    cloudevent(time="0001-01-01T00:00:00Z"),
+    cloudevent(traceparent="00-abc", big=10**400),
     [cloudevent()],
     "an event",
     None,
@@ -69,13 +101,14 @@ EDGE_CASES: list[Any] = [
 
 def reference(content_type: str, body: bytes) -> list[tuple[str, str, dict[str, Any]]] | str:
     try:
-        events = parse_cloudevents(content_type, body)
+        events = parse_cloudevents(content_type, body, RECEIVED)
     except IngestError as error:
         return str(error)
     return [(r.source, r.event_id, json.loads(r.payload)) for r in (to_record(e, RECEIVED) for e in events)]
 
 
 def fast(content_type: str, body: bytes) -> list[tuple[str, str, dict[str, Any]]] | str:
+    """read_cloudevents, the gateway's entry (fast path first)."""
     try:
         records = read_cloudevents(content_type, body, RECEIVED)
     except IngestError as error:
@@ -118,3 +151,41 @@ def test_an_event_without_time_is_stamped_once_with_the_receive_time() -> None:
 def test_malformed_requests_are_refused_with_the_reason(content_type: str, body: bytes, reason: str) -> None:
     with pytest.raises(IngestError, match=reason.replace("(", r"\(").replace(")", r"\)")):
         read_cloudevents(content_type, body)
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (
+            b'[{"specversion":"1.0","id":"a","source":"s","type":"t","subject":"c","data":{"value":1e400}}]',
+            "data.value is inf, which does not fit a double",
+        ),
+        (
+            b'[{"specversion":"1.0","id":"a","source":"s","type":"t","subject":"c","data":{"v":-1e999}}]',
+            "data.v is -inf",
+        ),
+        (json.dumps([cloudevent(data={"value": -3})]).encode(), "usage is never negative"),
+        (json.dumps([cloudevent(data={"value": "3"})]).encode(), "data.value must be a JSON number"),
+        (json.dumps([cloudevent(data={"value": 1, "n": 10**400})]).encode(), "data.n is 1000"),
+        (json.dumps([cloudevent(id="x" * 257)]).encode(), "id is 257 characters long"),
+        (json.dumps([cloudevent(subject="x" * 1000)]).encode(), "send at most 256"),
+        (json.dumps([cloudevent(time="2031-01-01T00:00:00Z")]).encode(), "more than 1 day ahead"),
+        (json.dumps([cloudevent(time="2001-01-01T00:00:00Z")]).encode(), "more than 731 days before"),
+        (json.dumps([cloudevent(data={"value": 1, "deep": _nested(40)})]).encode(), "flatten it"),
+        (b'[{"specversion":"1.0","id":"a","source":"s","type":"t","subject":"\xff"}]', "not valid UTF-8"),
+        (b'[{"specversion":"1.0","id":"a","source":"s","type":"t","subject":"\\udcff"}]', "lone surrogate"),
+        (b"[" * 50_000 + b"]" * 50_000, "nested too deeply"),
+        (b'[{"data":' + b'{"a":' * 50_000 + b"1" + b"}" * 50_001 + b"]", "nested too deeply"),
+    ],
+    ids=lambda value: value.decode("latin-1")[:40] if isinstance(value, bytes) else value,
+)
+def test_what_a_billing_api_would_refuse_is_refused_at_ingest_with_the_fix(body: bytes, reason: str) -> None:
+    with pytest.raises(IngestError, match=re.escape(reason)):
+        read_cloudevents(BATCH, body, RECEIVED)
+
+
+def test_a_valid_surrogate_pair_and_large_usage_values_are_accepted() -> None:
+    body = b'[{"specversion":"1.0","id":"a","source":"s","type":"t","subject":"\\ud83d\\ude00",'
+    body += b'"time":"2025-03-01T08:00:00Z","data":{"value":123456789012345678901234}}]'
+    (record,) = read_cloudevents(BATCH, body, RECEIVED)
+    assert json.loads(record.payload)["subject"] == "\U0001f600"
