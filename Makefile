@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: help setup tools browser test test-unit test-integration test-gpu lint crds cluster-up cluster-down demo bench chaos
+.PHONY: help setup tools browser test test-unit test-integration test-gpu lint crds image cluster-up cluster-down demo bench chaos
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 20
@@ -51,6 +51,9 @@ crds: setup ## regenerate crds/, the chart's copy and docs/crd-reference.md from
 	$(BIN)/python -m kubemeter_operator.crdgen
 	cp crds/*.yaml charts/kubemeter/crds/
 	$(BIN)/python -m kubemeter_operator.docgen
+
+image: setup ## the Dockerfile's image built without Docker (OCI archive, cached by content hash)
+	$(BIN)/python -m tools.image.build
 
 cluster-up: setup tools ## start the local control plane in the background; kubeconfig in .kube/config
 	@mkdir -p .state
