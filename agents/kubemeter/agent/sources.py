@@ -87,7 +87,9 @@ def _build(
             metric: Metric = "cpu" if source.allocation.resource == "cpu" else "memory"
             return MaxRequestUsageSource(
                 AllocationSource(world.pods, source.allocation.resource, "requests"),
-                KubeletUsageSource(metric, window_ms, interval_ms, not_before_ms, kubelet),
+                KubeletUsageSource(
+                    metric, window_ms, interval_ms, not_before_ms, kubelet, zero_readings=True
+                ),
             )
         basis: Basis = "limits" if source.allocation.basis.value == "limits" else "requests"
         return AllocationSource(world.pods, source.allocation.resource, basis)

@@ -87,18 +87,24 @@ def released_at_ms(pod: Pod, requested_ms: int | None = None) -> int | None:
     statuses = _all_container_statuses(pod)
     app_statuses = status.get("containerStatuses") or []
     finished = _finished_at_ms(statuses)
+    own_request_ms = deletion_requested_ms(pod)
+    if own_request_ms is not None and requested_ms is not None:
+        own_request_ms = min(requested_ms, own_request_ms)
     if status.get("phase") in TERMINAL_PHASES:
         if finished:
-            return max(finished)
-        transitions = [
-            parse_time_ms(condition["lastTransitionTime"])
-            for condition in status.get("conditions") or []
-            if condition.get("lastTransitionTime")
-        ]
-        return max(transitions) if transitions else bound_at_ms(pod)
-    own_request_ms = deletion_requested_ms(pod)
+            ended_ms = max(finished)
+        else:
+            transitions = [
+                parse_time_ms(condition["lastTransitionTime"])
+                for condition in status.get("conditions") or []
+                if condition.get("lastTransitionTime")
+            ]
+            ended_ms = max(transitions) if transitions else bound_at_ms(pod)
+        # Killed at the end of a deletion's grace period (a real kubelet then sets Failed): the
+        # resources were given back at the request, as while it was still terminating.
+        return ended_ms if own_request_ms is None else min(ended_ms, own_request_ms)
     if own_request_ms is not None:
-        request_ms = own_request_ms if requested_ms is None else min(requested_ms, own_request_ms)
+        request_ms = own_request_ms
         all_app_terminated = bool(app_statuses) and all(
             ((s.get("state") or {}).get("terminated") or {}).get("finishedAt") for s in app_statuses
         )

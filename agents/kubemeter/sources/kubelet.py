@@ -23,13 +23,18 @@ import httpx
 from kubemeter.metering.counters import CounterSample, counter_delta, first_delta, spread
 from kubemeter.metering.gauges import GaugeSample, integrate_gauge
 from kubemeter.metering.pods import parse_time_ms
-from kubemeter.metering.windows import Window
+from kubemeter.metering.windows import Window, split_by_windows
 from kubemeter.sources.base import PodRecord, Progress, Reading, WindowLedger
 from kubemeter.sources.informer import Backoff, now_ms
 
 log = logging.getLogger(__name__)
 
 KUBELET_CA_FILE_ENV = "KUBEMETER_KUBELET_CA_FILE"
+# How long a window waits for the kubelet's next sample. The kubelet serves cAdvisor's cached stats,
+# refreshed every 10-15 s and, for a container whose stats do not change, less often (steps of up to
+# 29 s measured on kubelet 1.36.3, tests/integration/dra/test_max_request_usage.py); a counter delta
+# arriving after its window closed would be lost to it.
+KUBELET_SAMPLE_HOLD_MS = 60_000
 KUBELET_INSECURE_ENV = "KUBEMETER_KUBELET_INSECURE_SKIP_TLS_VERIFY"
 Metric = Literal["cpu", "memory"]
 
@@ -66,9 +71,12 @@ class PodCounter:
     last_time_ms: int
     last_value: int
     counter_start_ms: int | None
+    # The agent's last good poll that listed the pod (its sample moved or not): a sample step is a
+    # gap only if polls were missed in it, not because the kubelet's own stats are 10-15 s apart.
+    last_polled_ms: int | None = None
 
     def to_json(self) -> list[int | None]:
-        return [self.last_time_ms, self.last_value, self.counter_start_ms]
+        return [self.last_time_ms, self.last_value, self.counter_start_ms, self.last_polled_ms]
 
 
 def parse_summary(body: str) -> dict[str, tuple[str, str, Mapping[str, Any]]]:
@@ -148,9 +156,19 @@ class KubeletPoller:
 
 class KubeletUsageSource(Progress):
     def __init__(
-        self, metric: Metric, window_ms: int, interval_ms: int, not_before_ms: int, poller: KubeletPoller
+        self,
+        metric: Metric,
+        window_ms: int,
+        interval_ms: int,
+        not_before_ms: int,
+        poller: KubeletPoller,
+        zero_readings: bool = False,
     ) -> None:
         self.metric = metric
+        # Also a reading of 0 for a window the counter covered without moving (maxRequestUsage must
+        # tell "used nothing" from "no data"); a plain usage meter writes no event for nothing.
+        self.zero_readings = zero_readings
+        self.hold_limit_ms = max(2 * window_ms, KUBELET_SAMPLE_HOLD_MS)
         self.window_ms = window_ms
         # A sample later than this after the previous one means polls were missed.
         self.max_step_ms = interval_ms * 5 // 2
@@ -178,21 +196,27 @@ class KubeletUsageSource(Progress):
             oldest_ms = min(oldest_ms, time_ms)
             state = self.pods.get(uid)
             if state is None:
-                state = PodCounter(time_ms, value, start_ms)
+                state = PodCounter(time_ms, value, start_ms, polled_at_ms)
                 self.pods[uid] = state
                 if self.metric == "cpu":
                     delta = first_delta(CounterSample(time_ms, value, start_ms), self.not_before_ms)
-                    self.ledger.add(uid, spread(delta.amount, delta.from_ms, delta.to_ms, self.window_ms))
+                    self.ledger.add(uid, self._shares(delta.amount, delta.from_ms, delta.to_ms))
                 continue
+            last_polled_ms, state.last_polled_ms = state.last_polled_ms, polled_at_ms
             if time_ms <= state.last_time_ms:
                 continue  # the kubelet's cached stats did not move
-            gap = time_ms - state.last_time_ms > self.max_step_ms
+            # The kubelet refreshes its stats every 10-15 s (cAdvisor housekeeping): a longer step
+            # between samples is its resolution, not a gap, while the agent polled all along.
+            if last_polled_ms is None:  # a cursor saved before polls were tracked
+                gap = time_ms - state.last_time_ms > self.max_step_ms
+            else:
+                gap = polled_at_ms - last_polled_ms > self.max_step_ms
             if self.metric == "cpu":
                 delta = counter_delta(
                     CounterSample(state.last_time_ms, state.last_value, state.counter_start_ms),
                     CounterSample(time_ms, value, start_ms),
                 )
-                shares = spread(delta.amount, delta.from_ms, delta.to_ms, self.window_ms)
+                shares = self._shares(delta.amount, delta.from_ms, delta.to_ms)
                 self.ledger.add(uid, shares)
                 if gap:
                     reason = (
@@ -204,7 +228,7 @@ class KubeletUsageSource(Progress):
                 step = integrate_gauge(
                     GaugeSample(state.last_time_ms, state.last_value),
                     time_ms,
-                    self.max_step_ms,
+                    self.max_step_ms if gap else time_ms - state.last_time_ms,
                     self.window_ms,
                 )
                 self.ledger.add(uid, step.value_ms_by_window)
@@ -212,6 +236,15 @@ class KubeletUsageSource(Progress):
                 self.ledger.flag(uid, step.gap_ms_by_window, reason)
             state.last_time_ms, state.last_value, state.counter_start_ms = time_ms, value, start_ms
         self.observed_ms = max(self.observed_ms, oldest_ms)
+
+    def _shares(self, amount: int, from_ms: int, to_ms: int) -> dict[int, int]:
+        """A counter delta spread over the windows of its step; with ``zero_readings`` every window
+        the step covers has an entry, 0 where the counter did not move."""
+        shares = spread(amount, from_ms, to_ms, self.window_ms)
+        if self.zero_readings:
+            for window_start_ms, _piece_ms in split_by_windows(from_ms, to_ms, self.window_ms):
+                shares.setdefault(window_start_ms, 0)
+        return shares
 
     def _sample(self, stats: Mapping[str, Any]) -> tuple[int, int, int | None] | None:
         section = stats.get(self.metric) or {}

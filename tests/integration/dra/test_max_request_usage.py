@@ -1,10 +1,13 @@
-"""basis maxRequestUsage against a kubelet's counters: per window, the larger of the request held and
-the measured usage, for a pod with no requests (billed its usage) and one that bursts past its
-request (billed the request in quiet windows, its usage in busy ones).
+"""basis maxRequestUsage against the real kubelet's counters on ``real-0``: per window, the larger of
+the request held and the measured usage, for a pod with no requests (billed its usage) and one that
+bursts past its request (billed its usage in busy windows, its request in quiet ones).
 
-The kubelet is the stand-in with the upstream /stats/summary shape (kwok runs no kubelet), listening
-where the test's own kwok node says its kubelet is. Its CPU counter grows at a constant rate between
-two answers, so the usage inside a window is the counter's straight line cut at the window's edges."""
+The truth is the kubelet's own ``/stats/summary``, read by the test beside the agent. The kubelet
+refreshes those stats every 10-15 s (cAdvisor housekeeping) and serves the same cached sample until
+the next, so a reader polling every second, as the test and the agent both do, sees every sample: the
+test folds them with the documented rules (CPU: the counter's straight line from the pod's start
+through the samples, cut at the window edges; memory: each sample's working set held until the next)
+and compares per window."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import itertools
 import json
 import threading
 import time
+import urllib.request
 from collections import defaultdict
 from fractions import Fraction
 from pathlib import Path
@@ -19,73 +23,103 @@ from typing import Any
 
 import pytest
 from kubemeter.metering.quantities import parse_quantity_milli
+from kubemeter.sources.kubelet import KUBELET_SAMPLE_HOLD_MS
 
-from testbed.controlplane import ControlPlane, free_port, wait_for
+from testbed.controlplane import ControlPlane, wait_for
+from testbed.realnode import BUSYBOX_IMAGE, NAME, RealNode, on_real_node
 from tests.integration.agent.agent_harness import AgentProcess, exact, meter
-from tests.integration.agent.test_agent_kubelet_usage import rfc3339_ms
-from tests.integration.dra.nodes import add_node, seconds_ms
+from tests.integration.dra.nodes import seconds_ms
 from tests.integration.dra.test_dra_metering import Pods
-from tests.support.kubelet_endpoint import KubeletEndpoint
 
 pytestmark = pytest.mark.integration
 
 WINDOW_S = 10
-NODE, NODE_IP = "kwok-usage-0", "127.0.10.41"
-MAX_STEP_MS = 2_500  # 2.5 polls of 1 s: a longer step is a gap (none is expected here)
-REQUESTS = {"quiet": {}, "bursty": {"cpu": "500m", "memory": "256Mi"}}
-MiB = 2**20
+BUSY_S = 25  # the bursty pod's first phase: 0.5 core and 48 MiB, past its 100m / 16Mi request
+REQUESTS: dict[str, dict[str, str]] = {"quiet": {}, "bursty": {"cpu": "100m", "memory": "16Mi"}}
+SCRIPTS = {
+    # about a tenth of a core, no requests or limits at all (BestEffort)
+    "quiet": "while :; do i=0; while [ $i -lt 2000 ]; do i=$((i+1)); done; sleep 0.2; done",
+    "bursty": (
+        "dd if=/dev/zero of=/burst/fill bs=1M count=48 2>/dev/null; "
+        f"end=$(( $(date +%s) + {BUSY_S} )); while [ $(date +%s) -lt $end ]; do :; done; "
+        "rm /burst/fill; exec sleep 3600"
+    ),
+}
 
 
-def rates(name: str, elapsed_ms: int) -> tuple[int, int]:
-    """(CPU core-ns per ms, working-set bytes) a pod shows ``elapsed_ms`` after its first sample."""
-    if name == "quiet":
-        return 300_000, 100 * MiB  # 0.3 core and 100 MiB, with no requests at all
-    busy = (elapsed_ms // 20_000) % 2 == 1  # 20 s phases: each holds a whole window
-    return (2_000_000, 512 * MiB) if busy else (200_000, 128 * MiB)  # 2 or 0.2 cores against 500m
+def pod_manifest(name: str) -> dict[str, Any]:
+    container: dict[str, Any] = {
+        "name": "main",
+        "image": BUSYBOX_IMAGE,
+        "command": ["sh", "-c", SCRIPTS[name]],
+    }
+    spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "terminationGracePeriodSeconds": 1,
+        "containers": [container],
+    }
+    if REQUESTS[name]:
+        container["resources"] = {"requests": REQUESTS[name], "limits": {"cpu": "500m", "memory": "128Mi"}}
+        container["volumeMounts"] = [{"name": "burst", "mountPath": "/burst"}]
+        spec["volumes"] = [{"name": "burst", "emptyDir": {"medium": "Memory", "sizeLimit": "64Mi"}}]
+    return on_real_node({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": spec})
 
 
-class CountingKubelet:
-    def __init__(self, port: int, certdir: Path) -> None:
-        self.pods: dict[str, dict[str, Any]] = {}  # name -> pod object
+class SummaryReader:
+    """Polls the real kubelet's /stats/summary every 0.25 s and keeps each pod's distinct samples."""
+
+    def __init__(self, real_node: RealNode, token: str, uids: dict[str, str]) -> None:
+        self.url = f"{real_node.kubelet_url}/stats/summary?only_cpu_and_memory=true"
+        self.context = real_node.kubelet_ssl_context()
+        self.token = token
+        self.uids = uids  # name -> uid
         self.samples: dict[str, list[tuple[int, int, int]]] = defaultdict(list)  # (ms, core-ns, bytes)
-        self.first_ms: dict[str, int] = {}
-        self.started_ms: dict[str, int] = {}  # the pod's startTime, as a kubelet reports it
+        self.first_seen_ms: dict[str, int] = {}  # test clock: when the newest sample was first seen
+        self.started_ms: dict[str, int] = {}  # the kubelet's startTime of the pod
+        self.errors: list[str] = []
         self.lock = threading.Lock()
-        self.endpoint = KubeletEndpoint(NODE_IP, port, certdir, self.answer)
-        self.cert = self.endpoint.cert
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
 
-    def answer(self, path: str, authorization: str) -> tuple[int, str]:
-        if not path.startswith("/stats/summary") or not authorization.startswith("Bearer "):
-            return 403, "{}"
-        now_ms = time.time_ns() // 1_000_000
-        entries = []
+    def _run(self) -> None:
+        while not self.stopping.wait(0.25):
+            request = urllib.request.Request(self.url, headers={"Authorization": f"Bearer {self.token}"})
+            try:
+                with urllib.request.urlopen(request, context=self.context, timeout=5) as response:
+                    summary = json.loads(response.read())
+            except OSError as error:
+                self.errors.append(str(error))
+                continue
+            self.fold(summary, time.time_ns() // 1_000_000)
+
+    def fold(self, summary: dict[str, Any], seen_ms: int) -> None:
+        names = {uid: name for name, uid in self.uids.items()}
         with self.lock:
-            for name, pod in self.pods.items():
-                series = self.samples[name]
-                first_ms = self.first_ms.setdefault(name, now_ms)
-                if series:
-                    last_ms, last_cpu, _ = series[-1]
-                    rate, _ = rates(name, last_ms - first_ms)  # the rate chosen at the last answer
-                    cpu = last_cpu + rate * (now_ms - last_ms)
-                else:  # the counter has run since the pod started, at the first phase's rate
-                    cpu = rates(name, 0)[0] * (now_ms - self.started_ms[name])
-                _, working_set = rates(name, now_ms - first_ms)
-                series.append((now_ms, cpu, working_set))
-                meta = pod["metadata"]
-                entries.append(
-                    {
-                        "podRef": {"name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"]},
-                        "startTime": rfc3339_ms(self.started_ms[name]),
-                        "cpu": {"time": rfc3339_ms(now_ms), "usageCoreNanoSeconds": cpu},
-                        "memory": {"time": rfc3339_ms(now_ms), "workingSetBytes": working_set},
-                        "containers": [],
-                    }
+            for entry in summary.get("pods") or []:
+                name = names.get(entry["podRef"].get("uid"))
+                cpu, memory = entry.get("cpu") or {}, entry.get("memory") or {}
+                if name is None or "usageCoreNanoSeconds" not in cpu or "workingSetBytes" not in memory:
+                    continue
+                assert cpu["time"] == memory["time"], entry  # one cAdvisor sample for both
+                sample = (
+                    seconds_ms(cpu["time"]),
+                    int(cpu["usageCoreNanoSeconds"]),
+                    int(memory["workingSetBytes"]),
                 )
-        return 200, json.dumps({"node": {"nodeName": NODE}, "pods": entries})
+                self.started_ms[name] = seconds_ms(entry["startTime"])
+                series = self.samples[name]
+                if not series or sample[0] > series[-1][0]:
+                    series.append(sample)
+                    self.first_seen_ms[name] = seen_ms
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(10)
 
     def cpu_core_ns(self, name: str, window_start_ms: int, window_end_ms: int) -> Fraction:
         """The counter's increase inside the window: linear from the pod's start (0) through the
-        answers, nothing after the last."""
+        samples, nothing after the last."""
         series = [(self.started_ms[name], 0, 0), *self.samples[name]]
         total = Fraction(0)
         for (t0, c0, _), (t1, c1, _) in itertools.pairwise(series):
@@ -95,18 +129,15 @@ class CountingKubelet:
         return total
 
     def memory_byte_ms(self, name: str, window_start_ms: int, window_end_ms: int) -> int:
-        """The working set held from each answer to the next (a left step), inside the window."""
-        series = self.samples[name]
+        """The working set held from each sample to the next (a left step), inside the window."""
         total = 0
-        for (t0, _, ws), (t1, _, _) in itertools.pairwise(series):
-            assert t1 - t0 <= MAX_STEP_MS, "the agent missed polls; the test assumes none"
-            lo, hi = max(t0, window_start_ms), min(t1, window_end_ms)
-            total += ws * max(0, hi - lo)
+        for (t0, _, ws), (t1, _, _) in itertools.pairwise(self.samples[name]):
+            total += ws * max(0, min(t1, window_end_ms) - max(t0, window_start_ms))
         return total
 
     def observed(self, kind: str, name: str, window_start_ms: int, window_end_ms: int) -> bool:
-        """Whether any usage data covers part of the window (CPU: from the start; memory: from
-        the first answer, a gauge says nothing of before it)."""
+        """Whether any usage data covers part of the window (CPU: from the pod's start; memory: from
+        the first sample, a gauge says nothing of before it)."""
         series = self.samples[name]
         if kind == "cpu":
             series = [(self.started_ms[name], 0, 0), *series]
@@ -115,16 +146,10 @@ class CountingKubelet:
             for (t0, _, _), (t1, _, _) in itertools.pairwise(series)
         )
 
-    def stop(self) -> None:
-        self.endpoint.stop()
 
-
-def test_max_request_usage_is_exact_against_the_kubelet_counters(
-    cluster: ControlPlane, namespace: str, tmp_path: Path
+def test_max_request_usage_is_exact_against_the_real_kubelets_counters(
+    cluster: ControlPlane, real_node: RealNode, namespace: str, tmp_path: Path
 ) -> None:
-    port = free_port()
-    add_node(cluster, NODE, {"cpu": "8", "memory": "32Gi", "pods": "110"}, {}, NODE_IP, port)
-    kubelet = CountingKubelet(port, tmp_path / "pki")
     meters = [
         meter("cpu", "m-cpu-max", namespace, {"allocation": {"resource": "cpu", "basis": "maxRequestUsage"}}),
         meter(
@@ -134,79 +159,101 @@ def test_max_request_usage_is_exact_against_the_kubelet_counters(
             {"allocation": {"resource": "memory", "basis": "maxRequestUsage"}},
         ),
     ]
-    env = {"KUBEMETER_KUBELET_CA_FILE": str(kubelet.cert)}
-    agent = AgentProcess(tmp_path / "agent", NODE, cluster.kubeconfig, meters, env=env)
+    # The agent reaches the kubelet where real-0 says it listens, verifying it with the testbed CA.
+    env = {"KUBEMETER_KUBELET_CA_FILE": str(cluster.ca.cert)}
+    agent = AgentProcess(tmp_path / "agent", NAME, cluster.kubeconfig, meters, env=env)
     agent.start()
     pods = Pods(cluster, namespace)
+    reader: SummaryReader | None = None
     try:
-        for name, requests in REQUESTS.items():
-            container: dict[str, Any] = {"name": "main", "image": "fake"}
-            if requests:
-                container["resources"] = {"requests": requests}
-            manifest = {
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "metadata": {"name": name},
-                "spec": {"nodeName": NODE, "containers": [container], "terminationGracePeriodSeconds": 30},
-            }
-            pods.create(manifest)
-            pod = cluster.get_json("pod", name, "-n", namespace)
-            # Created with spec.nodeName: bound, and holding its requests, from its creation.
-            pods.start_ms[name] = seconds_ms(pod["metadata"]["creationTimestamp"])
-            with kubelet.lock:
-                kubelet.started_ms[name] = pods.start_ms[name]
-                kubelet.pods[name] = pod
-        wait_for(
-            lambda: (
-                len(kubelet.first_ms) == 2 and time.time() * 1000 > max(kubelet.first_ms.values()) + 40_000
-            ),
-            timeout_s=60,
-            what="40 s of usage, quiet then busy",
-        )
         for name in REQUESTS:
-            with kubelet.lock:
-                del kubelet.pods[name]  # the kubelet reports the pod no more
-            pods.delete(name)
-        last_ms = max(max(pods.end_ms.values()), max(s[-1][0] for s in kubelet.samples.values()))
+            pods.create(pod_manifest(name))
+        uids = {name: cluster.get_json("pod", name, "-n", namespace)["metadata"]["uid"] for name in REQUESTS}
+        reader = SummaryReader(real_node, cluster.token, uids)
+        for name in REQUESTS:
+            pods.running(name)
+        started_ms = max(pods.start_ms.values())
+
+        def fresh_sample_of(name: str) -> bool:
+            # Delete a pod 2-5 s after its newest sample appeared: the agent, polling every second,
+            # has read it too, and the kubelet's next sample (10-15 s later) comes after the pod.
+            with reader.lock:
+                age_ms = time.time_ns() // 1_000_000 - reader.first_seen_ms.get(name, 0)
+                return reader.samples[name][-1][0] > started_ms + 45_000 and 2_000 <= age_ms <= 5_000
+
+        remaining = set(REQUESTS)
+
+        def delete_when_fresh() -> bool:
+            for name in sorted(remaining):
+                if fresh_sample_of(name):
+                    pods.delete(name)
+                    remaining.discard(name)
+            return not remaining
+
+        wait_for(delete_when_fresh, timeout_s=120, interval_s=0.1, what="45 s of usage, busy then quiet")
+        wait_for(
+            lambda: not cluster.get_json("pods", "-n", namespace)["items"],
+            timeout_s=60,
+            what="the pods gone from real-0",
+        )
+        last_ms = max(max(pods.end_ms.values()), max(s[-1][0] for s in reader.samples.values()))
         horizon_ms = (last_ms // (WINDOW_S * 1000) + 1) * WINDOW_S * 1000
         events = wait_for(
             lambda: agent.events() if min(agent.cursors_ms().values(), default=0) >= horizon_ms else None,
-            timeout_s=3 * WINDOW_S + 20,
+            timeout_s=KUBELET_SAMPLE_HOLD_MS / 1000 + 30,
             what="the agent to close the window of the last sample",
         )
     finally:
         agent.stop()
-        kubelet.stop()
-        cluster.kubectl("delete", "node", NODE, "--ignore-not-found")
+        if reader is not None:
+            reader.stop()
 
+    assert reader is not None
+    steps_ms = [
+        t1 - t0 for series in reader.samples.values() for (t0, *_), (t1, *_) in itertools.pairwise(series)
+    ]
+    print(f"kubelet sample steps (ms): {sorted(steps_ms)}; samples: {dict(reader.samples)}")
     billed = {(e["type"], e["data"]["pod"], seconds_ms(e["data"]["window_start"])): e for e in events}
     winners: dict[tuple[str, str], set[str]] = defaultdict(set)
     flagged: set[tuple[str, str]] = set()
     for (kind, name, window_ms), event in sorted(billed.items()):
         data = event["data"]
         window_end_ms = window_ms + WINDOW_S * 1000
-        start_ms, end_ms = pods.start_ms[name], pods.end_ms[name]
-        held_ms = max(0, min(end_ms, window_end_ms) - max(start_ms, window_ms))
-        request_milli = parse_quantity_milli(REQUESTS[name].get(kind, "0"))
-        requested = Fraction(request_milli * held_ms, 10**6)  # unit-seconds
+        held_ms = max(0, min(pods.end_ms[name], window_end_ms) - max(pods.start_ms[name], window_ms))
+        requested = Fraction(parse_quantity_milli(REQUESTS[name].get(kind, "0")) * held_ms, 10**6)
         if kind == "cpu":
-            used = kubelet.cpu_core_ns(name, window_ms, window_end_ms) / 10**9
+            used = reader.cpu_core_ns(name, window_ms, window_end_ms) / 10**9
             tolerance = Fraction(2, 10**9)  # the counter's own unit, at the two window edges
         else:
-            used = Fraction(kubelet.memory_byte_ms(name, window_ms, window_end_ms), 1000)
+            used = Fraction(reader.memory_byte_ms(name, window_ms, window_end_ms), 1000)
             tolerance = Fraction(0)
-        if not kubelet.observed(kind, name, window_ms, window_end_ms):
-            # Held, but no usage data at all (memory before the first answer): the request, flagged.
+        if not reader.observed(kind, name, window_ms, window_end_ms):
+            # Held, but no usage data at all (after the last sample): the request, flagged.
             assert Fraction(exact(data["value"])) == requested and not data["complete"], data
             assert "no kubelet usage" in data["incomplete_reason"], data
             flagged.add((kind, name))
             continue
         assert data["complete"], data
         expected = max(requested, used)
-        assert abs(Fraction(exact(data["value"])) - expected) <= tolerance, (kind, name, window_ms, data)
+        assert abs(Fraction(exact(data["value"])) - expected) <= tolerance, (
+            kind,
+            name,
+            window_ms,
+            data,
+            expected,
+        )
+        assert data["billed_on"] == ("usage" if used > requested else "request"), (kind, name, window_ms)
         winners[(kind, name)].add(data["billed_on"])
-    # The quiet pod, with no requests, is billed its usage; the bursty one both ways.
-    assert winners[("cpu", "quiet")] == {"usage"} and winners[("memory", "quiet")] == {"usage"}
+    # Every window the pods held was billed, and the kubelet's steps were its own (no missed polls
+    # would flag them): the rule above held for each.
+    for name in REQUESTS:
+        for kind in ("cpu", "memory"):
+            windows = {w for (k, n, w) in billed if (k, n) == (kind, name)}
+            first = pods.start_ms[name] // (WINDOW_S * 1000) * WINDOW_S * 1000
+            assert windows == set(range(first, pods.end_ms[name], WINDOW_S * 1000)), (kind, name, windows)
+    # The quiet pod, with no requests, is billed its usage (its first sample, at its start, is 0);
+    # the bursty one its usage in busy windows and its request in quiet ones.
+    assert winners[("cpu", "quiet")] == {"usage"} and "usage" in winners[("memory", "quiet")]
     assert winners[("cpu", "bursty")] == {"request", "usage"}
     assert winners[("memory", "bursty")] == {"request", "usage"}
-    assert not {kind for kind, _ in flagged} - {"memory"}, flagged  # CPU counts from the pod's start
+    assert max(steps_ms) > 2_500  # the kubelet's own resolution, longer than 2.5 agent polls

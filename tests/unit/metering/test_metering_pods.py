@@ -81,6 +81,21 @@ def test_the_grace_period_is_not_billed_even_when_the_containers_ran_through_par
     assert billable_interval(deleting).end_ms == T_CREATED + 30_000
 
 
+def test_a_deleted_pod_the_kubelet_then_marks_failed_is_billed_until_the_request() -> None:
+    # A real kubelet kills the container at the grace deadline and sets phase Failed: the terminal
+    # phase must not move the end past the request a window may already have billed up to.
+    killed = pod(
+        metadata={"deletionTimestamp": "2024-05-01T10:00:32Z", "deletionGracePeriodSeconds": 2},
+        status={"phase": "Failed", "containerStatuses": [terminated("2024-05-01T10:00:32Z")]},
+    )
+    assert billable_interval(killed).end_ms == T_CREATED + 30_000
+    exited_first = pod(
+        metadata={"deletionTimestamp": "2024-05-01T10:01:00Z", "deletionGracePeriodSeconds": 30},
+        status={"phase": "Succeeded", "containerStatuses": [terminated("2024-05-01T10:00:21Z")]},
+    )
+    assert billable_interval(exited_first).end_ms == T_CREATED + 21_000
+
+
 def test_the_first_deletion_request_wins_over_the_kubelets_final_grace_zero_delete() -> None:
     # The API server re-stamps deletionTimestamp to the time of the kubelet's grace-0 delete.
     first = pod(metadata={"deletionTimestamp": "2024-05-01T10:01:00Z", "deletionGracePeriodSeconds": 30})
