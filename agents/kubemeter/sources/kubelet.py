@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 KUBELET_CA_FILE_ENV = "KUBEMETER_KUBELET_CA_FILE"
 # How long a window waits for the kubelet's next sample. The kubelet serves cAdvisor's cached stats,
 # refreshed every 10-15 s and, for a container whose stats do not change, less often (steps of up to
-# 29 s measured on kubelet 1.36.3, tests/integration/dra/test_max_request_usage.py); a counter delta
+# 29 s measured on kubelet 1.36.3, tests/integration/realnode/test_max_request_usage.py); a counter delta
 # arriving after its window closed would be lost to it.
 KUBELET_SAMPLE_HOLD_MS = 60_000
 KUBELET_INSECURE_ENV = "KUBEMETER_KUBELET_INSECURE_SKIP_TLS_VERIFY"

@@ -26,6 +26,7 @@ from tests.integration.dra.nodes import (
     seconds_ms,
 )
 from tests.integration.dra.test_dra_metering import Pods
+from tests.integration.report.test_report_sink import SinkProcess, report_json
 
 pytestmark = pytest.mark.integration
 
@@ -179,6 +180,26 @@ def test_allocation_plus_idle_is_allocatable_for_every_node_and_window(
             assert per_pod[(resource, name)] == Decimal(parse_quantity_milli(quantity) * held_ms).scaleb(-6)
     claim_ms = pods.end_ms["gpu-claim"] - pods.start_ms["gpu-claim"]
     assert per_pod[("devices", "gpu-claim")] == Decimal(claim_ms).scaleb(-3)
+
+    # The chargeback report over these events (a real sink, the real CLI): idle is its own row, the
+    # customers' rows and total hold only the pods' allocation.
+    (tmp_path / "sink").mkdir()
+    sink = SinkProcess(tmp_path / "sink")
+    try:
+        sink.post(list(unique.values()))
+        document = report_json(sink, "--group-by", "subject")
+    finally:
+        sink.stop()
+    assert document["idleSubject"] == "platform-idle"
+    assert [row["subject"] for row in document["rows"]] == [namespace]
+    for resource in (*RESOURCES, "devices"):
+        idle_sum = sum(v for (r, _), v in idle.items() if r == resource)
+        allocated_sum = sum(v for (r, _), v in allocated.items() if r == resource)
+        shown_idle = document["idle"]["quantities"][f"idle-{resource}"]["value"]
+        shown_total = document["total"]["quantities"][f"alloc-{resource}"]["value"]
+        assert shown_idle == pytest.approx(float(idle_sum), rel=1e-12), resource
+        assert shown_total == pytest.approx(float(allocated_sum), rel=1e-12), resource
+        assert document["total"]["quantities"][f"idle-{resource}"]["value"] == 0, resource
 
 
 def _with_claim(pod: dict[str, Any]) -> dict[str, Any]:
