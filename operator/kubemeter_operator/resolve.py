@@ -210,9 +210,13 @@ def referenced_secrets(collectors: Sequence[ObjectView], meters: Sequence[Object
     """Secret names the resolution will ask about, so the caller can read exactly those."""
     names: set[str] = set()
     for collector in collectors:
+        kafka = (collector.spec.get("output") or {}).get("kafka") or {}
         references = [
             (collector.spec.get("output") or {}).get("credentialsSecretRef"),
             (collector.spec.get("gateway") or {}).get("ingestTokenSecretRef"),
+            (kafka.get("sasl") or {}).get("secretRef"),
+            (kafka.get("tls") or {}).get("caSecretRef"),
+            (kafka.get("tls") or {}).get("clientCertificateSecretRef"),
         ]
         names.update(r["name"] for r in references if isinstance(r, Mapping) and r.get("name"))
     for meter in meters:
@@ -230,9 +234,11 @@ def _collector_secret_problems(
     collector: ObjectView, spec: CollectorSpec, secrets: SecretKeys
 ) -> list[Problem]:
     problems = []
+    kafka_files = spec.output.kafka.secret_files() if spec.output.kafka else []
     for field_path, reference in (
         ("spec.output.credentialsSecretRef", spec.output.credentials_secret_ref),
         ("spec.gateway.ingestTokenSecretRef", spec.gateway.ingest_token_secret_ref),
+        *((where, ref) for _, where, ref in kafka_files),
     ):
         if reference is None:
             continue

@@ -13,6 +13,7 @@ from kubemeter.api.common import (
     HttpUrl,
     Quantity,
     SecretKeyRef,
+    SecretRef,
     SpecModel,
     cel_rules,
     quantity_to_bytes,
@@ -27,6 +28,7 @@ class OutputType(StrEnum):
     FLEXPRICE = "flexprice"
     LAGO = "lago"
     CLOUDEVENTS = "cloudevents"
+    KAFKA = "kafka"
 
 
 class BatchSpec(SpecModel):
@@ -141,6 +143,141 @@ class LagoOutputSpec(SpecModel):
         return self
 
 
+# ---------------------------------------------------------------------------------------------------
+# Kafka output
+
+# host:port, the host a DNS name, IPv4 or [IPv6] address.
+_BOOTSTRAP_SERVER = Annotated[
+    str, Field(min_length=3, max_length=261, pattern=r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):[0-9]{1,5}$")
+]
+# Kafka's own rule for topic names (legal characters, at most 249), not "." or "..".
+KAFKA_TOPIC_PATTERN = r"^[a-zA-Z0-9._-]{1,249}$"
+_TOPIC = Annotated[str, Field(min_length=1, max_length=249, pattern=KAFKA_TOPIC_PATTERN)]
+
+
+class KafkaMode(StrEnum):
+    STRUCTURED = "structured"
+    BINARY = "binary"
+
+
+class KafkaCompression(StrEnum):
+    NONE = "none"
+    GZIP = "gzip"
+    SNAPPY = "snappy"
+    LZ4 = "lz4"
+    ZSTD = "zstd"
+
+
+class SaslMechanism(StrEnum):
+    PLAIN = "PLAIN"
+    SCRAM_SHA_256 = "SCRAM-SHA-256"
+    SCRAM_SHA_512 = "SCRAM-SHA-512"
+
+
+class KafkaSaslSpec(SpecModel):
+    mechanism: SaslMechanism = Field(
+        default=SaslMechanism.SCRAM_SHA_512,
+        description="PLAIN (only over TLS outside a test), SCRAM-SHA-256 or SCRAM-SHA-512.",
+    )
+    secret_ref: SecretRef = Field(
+        description=(
+            "Secret with keys username and password. Re-read when the kubelet updates it: a fixed "
+            "password resumes delivery without a restart."
+        )
+    )
+
+
+class KafkaTlsSpec(SpecModel):
+    ca_secret_ref: SecretKeyRef | None = Field(
+        default=None,
+        description="Secret key holding the PEM CA bundle the brokers' certificates chain to; unset, the "
+        "system CAs.",
+    )
+    client_certificate_secret_ref: SecretRef | None = Field(
+        default=None,
+        description="A kubernetes.io/tls Secret (keys tls.crt and tls.key) for mutual TLS, if the brokers "
+        "ask for a client certificate.",
+    )
+
+
+class KafkaOutputSpec(SpecModel):
+    """Options of output type kafka: one record per event, key = the event id, value = the CloudEvent.
+
+    Produced with an idempotent producer and acks=all; an event counts as delivered only once every
+    in-sync replica has it.
+    """
+
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            (
+                "has(self.topic) != has(self.topicExpression)",
+                "output.kafka: set exactly one of topic (a fixed topic) and topicExpression (CEL over "
+                "event, e.g. 'usage.' + event.type)",
+            ),
+        )
+    )
+
+    bootstrap_servers: list[_BOOTSTRAP_SERVER] = Field(
+        min_length=1,
+        max_length=32,
+        description="host:port of one or more brokers, e.g. kafka-0.kafka.svc:9093.",
+    )
+    topic: _TOPIC | None = Field(default=None, description="The topic every event goes to.")
+    topic_expression: CelExpression | None = Field(
+        default=None,
+        description=(
+            "CEL over event (the CloudEvent) giving the topic, e.g. 'usage.' + event.type. An event whose "
+            "topic is not a legal Kafka topic name is dead-lettered with the reason."
+        ),
+    )
+    mode: KafkaMode = Field(
+        default=KafkaMode.STRUCTURED,
+        description=(
+            "CloudEvents Kafka binding: structured (default; the value is the whole CloudEvent as JSON, "
+            "content-type application/cloudevents+json) or binary (the value is the event data, the "
+            "attributes are ce_* headers)."
+        ),
+    )
+    compression: KafkaCompression = Field(
+        default=KafkaCompression.LZ4, description="Record batch compression: none, gzip, snappy, lz4, zstd."
+    )
+    max_in_flight: int = Field(
+        default=5,
+        ge=1,
+        le=5,
+        description="Produce requests in flight per broker connection (at most 5: the idempotent "
+        "producer keeps order and drops retried duplicates only up to 5).",
+    )
+    tls: KafkaTlsSpec | None = Field(default=None, description="Connect over TLS; unset, plaintext.")
+    sasl: KafkaSaslSpec | None = Field(default=None, description="Authenticate with SASL; unset, none.")
+
+    def secret_files(self) -> list[tuple[str, str, SecretKeyRef]]:
+        """(role, field path, Secret key) of every credential file the gateway reads for Kafka."""
+        files: list[tuple[str, str, SecretKeyRef]] = []
+        if self.sasl is not None:
+            name = self.sasl.secret_ref.name
+            where = "spec.output.kafka.sasl.secretRef"
+            files.append(("username", where, SecretKeyRef(name=name, key="username")))
+            files.append(("password", where, SecretKeyRef(name=name, key="password")))
+        if self.tls is not None and self.tls.ca_secret_ref is not None:
+            files.append(("ca", "spec.output.kafka.tls.caSecretRef", self.tls.ca_secret_ref))
+        if self.tls is not None and self.tls.client_certificate_secret_ref is not None:
+            name = self.tls.client_certificate_secret_ref.name
+            where = "spec.output.kafka.tls.clientCertificateSecretRef"
+            files.append(("certificate", where, SecretKeyRef(name=name, key="tls.crt")))
+            files.append(("key", where, SecretKeyRef(name=name, key="tls.key")))
+        return files
+
+    @model_validator(mode="after")
+    def _one_topic(self) -> Self:
+        if (self.topic is None) == (self.topic_expression is None):
+            raise ValueError(
+                "output.kafka: set exactly one of topic (a fixed topic) and topicExpression (CEL over "
+                "event, e.g. 'usage.' + event.type)"
+            )
+        return self
+
+
 class OutputSpec(SpecModel):
     """Where events are delivered."""
 
@@ -165,11 +302,26 @@ class OutputSpec(SpecModel):
                 "!has(self.lago) || self.type == 'lago'",
                 "output.lago applies to type lago only; remove it or change output.type",
             ),
+            (
+                "(self.type == 'kafka') == has(self.kafka)",
+                "output.kafka is required for type kafka and applies to it only: set output.kafka "
+                "(bootstrapServers, topic) with type kafka, or remove it",
+            ),
+            (
+                "(self.type == 'kafka') != has(self.url)",
+                "output.url is required for the HTTP outputs and does not apply to type kafka: set url, "
+                "or for kafka remove it and list the brokers in output.kafka.bootstrapServers",
+            ),
         )
     )
 
-    type: OutputType = Field(description="The billing API: openmeter, flexprice, lago or cloudevents.")
-    url: HttpUrl = Field(description="Base URL of the billing API, e.g. https://openmeter.cloud.")
+    type: OutputType = Field(
+        description="Where events go: openmeter, flexprice, lago, cloudevents (HTTP APIs) or kafka."
+    )
+    url: HttpUrl | None = Field(
+        default=None,
+        description="Base URL of the billing API, e.g. https://openmeter.cloud; not for type kafka.",
+    )
     credentials_secret_ref: SecretKeyRef | None = Field(
         default=None, description="Secret key holding the API key or token. Credentials are never inline."
     )
@@ -188,6 +340,9 @@ class OutputSpec(SpecModel):
     lago: LagoOutputSpec | None = Field(
         default=None, description="Options of type lago: which subscription each event bills."
     )
+    kafka: KafkaOutputSpec | None = Field(
+        default=None, description="Options of type kafka: brokers, topic, record format, TLS and SASL."
+    )
 
     @model_validator(mode="after")
     def _options_match_the_type(self) -> Self:
@@ -196,7 +351,23 @@ class OutputSpec(SpecModel):
                 raise ValueError(
                     f"output.{name} applies to type {applies_to.value} only; remove it or change output.type"
                 )
+        if (self.type is OutputType.KAFKA) != (self.kafka is not None):
+            raise ValueError(
+                "output.kafka is required for type kafka and applies to it only: set output.kafka "
+                "(bootstrapServers, topic) with type kafka, or remove it"
+            )
+        if (self.type is OutputType.KAFKA) == (self.url is not None):
+            raise ValueError(
+                "output.url is required for the HTTP outputs and does not apply to type kafka: set url, "
+                "or for kafka remove it and list the brokers in output.kafka.bootstrapServers"
+            )
         return self
+
+    def http_url(self) -> str:
+        """``url`` of an HTTP output (the validators above guarantee it is set)."""
+        if self.url is None:
+            raise ValueError(f"output.url is required for type {self.type.value}")
+        return self.url
 
     @model_validator(mode="after")
     def _credentials_by_reference(self) -> Self:

@@ -108,6 +108,12 @@ class GatewayConfig(SpecModel):
     credentials_file: str | None = Field(
         default=None, description="File holding the credential named by output.credentialsSecretRef."
     )
+    kafka_files: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "Files of output.kafka's mounted Secrets by role: username, password, ca, certificate, key."
+        ),
+    )
     buffer: BufferSpec = Field(default_factory=BufferSpec, description="Buffer policy.")
     buffer_max_bytes: int = Field(ge=1, description="buffer.size in bytes: the cap of the on-disk queue.")
     data_dir: str = Field(description="Directory on the PersistentVolume for the queue.")

@@ -17,9 +17,10 @@ from kubemeter.api.rendered import GatewayConfig
 from kubemeter.gateway.app import GatewayApp
 from kubemeter.gateway.limits import HttpLimits, add_limit_arguments, limits_from, make_runner, start_site
 from kubemeter.output.credentials import SecretFile
-from kubemeter.output.delivery import DeliveryCore, DeliveryPolicy, Sink
+from kubemeter.output.delivery import DeliveryCore, DeliveryPolicy, RecordSink, Sink
 from kubemeter.output.queue import DurableQueue, QueueLimits, WhenFull
 from kubemeter.output.sinks import CloudEventsSink, FlexpriceSink, LagoSink, OpenMeterSink
+from kubemeter.output.sinks.kafka import KafkaCredentialFiles, KafkaSink
 from kubemeter.output.sinks.lago import DEFAULT_MAX_BATCH_EVENTS as LAGO_DEFAULT_MAX_BATCH_EVENTS
 from kubemeter.output.sinks.lago import SubscriptionMapping
 
@@ -34,9 +35,18 @@ QUEUE_FILE = "queue.db"
 DELIVERY_IN_FLIGHT = 8
 
 
-def sink_for(output: OutputSpec) -> Sink:
+def sink_for(output: OutputSpec, *, kafka_files: dict[str, str] | None = None) -> Sink | RecordSink:
     """The encoder/classifier for ``output.type`` (``output.headers`` are added by the delivery core)."""
-    url = output.url
+    if output.type is OutputType.KAFKA:
+        assert output.kafka is not None  # the model requires it for type kafka
+        files = {role: Path(path) for role, path in (kafka_files or {}).items()}
+        return KafkaSink(
+            output.kafka,
+            files=KafkaCredentialFiles(**files),
+            max_batch_events=output.batch.max_events,
+            ack_timeout_s=output.timeout_seconds,
+        )
+    url = output.http_url()
     if output.type is OutputType.OPENMETER:
         return OpenMeterSink(url, max_batch_events=output.batch.max_events)
     if output.type is OutputType.FLEXPRICE:
@@ -56,6 +66,20 @@ def sink_for(output: OutputSpec) -> Sink:
 
 
 def policy_for(output: OutputSpec) -> DeliveryPolicy:
+    if output.type is OutputType.KAFKA:
+        # A batch is not a request to a metered API: no rate cap unless one is set. An ACL fix on the
+        # brokers changes no file here, so a refused write is tried again at the retry cap.
+        explicit_rate = "rate_limit" in output.model_fields_set
+        return DeliveryPolicy(
+            max_batch_events=output.batch.max_events,
+            max_batch_delay_s=output.batch.max_delay_seconds,
+            initial_backoff_s=output.retry.initial_backoff_seconds,
+            max_backoff_s=output.retry.max_backoff_seconds,
+            requests_per_second=output.rate_limit.requests_per_second if explicit_rate else None,
+            max_in_flight=4,
+            request_timeout_s=output.timeout_seconds,
+            unauthorized_recheck_s=min(60.0, output.retry.max_backoff_seconds),
+        )
     return DeliveryPolicy(
         max_batch_events=output.batch.max_events,
         max_batch_delay_s=output.batch.max_delay_seconds,
@@ -91,9 +115,12 @@ async def serve(
     queue = await DurableQueue.open(Path(config.data_dir) / QUEUE_FILE, limits_for(config))
     registry = CollectorRegistry()
     credentials = SecretFile(Path(config.credentials_file)) if config.credentials_file else None
+    if config.output.type is OutputType.KAFKA and "password" in config.kafka_files:
+        # While paused on refused SASL credentials, a new password resumes delivery at once.
+        credentials = SecretFile(Path(config.kafka_files["password"]))
     delivery = DeliveryCore(
         queue,
-        sink_for(config.output),
+        sink_for(config.output, kafka_files=config.kafka_files),
         policy=policy_for(config.output),
         credentials=credentials,
         registry=registry,
@@ -117,7 +144,7 @@ async def serve(
         stats.events,
         stats.payload_bytes,
         config.output.type.value,
-        config.output.url,
+        config.output.url or ",".join(config.output.kafka.bootstrap_servers if config.output.kafka else []),
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -2,7 +2,9 @@
 
 Batching, retry with exponential backoff and jitter, ``Retry-After``, rate limiting, bisecting a
 refused batch and dead-lettering exist here once; a sink only encodes a batch into one HTTP request
-and classifies the response (see :mod:`kubemeter.output.sinks`).
+and classifies the response (see :mod:`kubemeter.output.sinks`). A sink that is not HTTP (Kafka)
+brings its own transport (:class:`RecordSink`): it sends what it encoded and returns the verdict,
+and the same rules apply to that verdict.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import httpx
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -83,6 +85,23 @@ class Sink(Protocol):
     def auth_headers(self, secret: str) -> dict[str, str]: ...
 
     def classify(self, response: httpx.Response, batch: Sequence[QueuedEvent]) -> Verdict: ...
+
+
+@runtime_checkable
+class RecordSink(Protocol):
+    """A sink with its own transport (a Kafka producer): ``encode`` gives what ``produce`` sends;
+    ``produce`` returns the verdict once the far side answered or a timeout passed."""
+
+    kind: str
+    max_batch_events: int
+
+    def encode(self, events: Sequence[QueuedEvent]) -> Any: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def produce(self, events: Sequence[QueuedEvent], request: Any) -> Verdict: ...
 
 
 def retry_after_seconds(headers: Mapping[str, str], *, now_s: float | None = None) -> float | None:
@@ -220,7 +239,7 @@ class DeliveryCore:
     def __init__(
         self,
         queue: DurableQueue,
-        sink: Sink,
+        sink: Sink | RecordSink,
         *,
         policy: DeliveryPolicy | None = None,
         credentials: SecretFile | None = None,
@@ -246,6 +265,8 @@ class DeliveryCore:
             timeout=self.policy.request_timeout_s,
             limits=httpx.Limits(max_connections=self.policy.max_in_flight),
         )
+        if isinstance(self.sink, RecordSink):
+            await self.sink.start()
         self.queue.rewind()
         self._workers = [
             asyncio.create_task(self._work(), name=f"deliver-{self.sink.kind}-{n}")
@@ -260,6 +281,8 @@ class DeliveryCore:
             with contextlib.suppress(asyncio.CancelledError):
                 await worker
         self._workers = []
+        if isinstance(self.sink, RecordSink):
+            await self.sink.stop()
         if self._client is not None:
             await self._client.aclose()
             self._client = None
@@ -351,8 +374,9 @@ class DeliveryCore:
                 middle = len(part) // 2
                 parts += [part[middle:], part[:middle]]
 
-    async def _send(self, part: Sequence[QueuedEvent], request: EncodedRequest) -> tuple[Verdict, str]:
-        """Send until the API gives a final answer for this batch: delivered or rejected."""
+    async def _send(self, part: Sequence[QueuedEvent], request: Any) -> tuple[Verdict, str]:
+        """Send until the API gives a final answer for this batch: delivered or rejected, or (for
+        the part of it that is settled) a partial answer whose settled events :meth:`_settle` takes."""
         assert self._client is not None, "start() the delivery core first"
         loop = asyncio.get_running_loop()
         attempt = 0
@@ -361,26 +385,38 @@ class DeliveryCore:
                 await asyncio.sleep(self._paused_until_s - loop.time())
             await self._rate_limiter.acquire()
             headers = httpx.Headers(self.headers)
-            headers.update(request.headers)  # case-insensitive: the sink's Content-Type wins
             credentials_version = None
             if self.credentials is not None:
                 credentials_version = self.credentials.version()
-                secret = self.credentials.value()
+            if not isinstance(self.sink, RecordSink):
+                headers.update(request.headers)  # case-insensitive: the sink's Content-Type wins
+                secret = self.credentials.value() if self.credentials is not None else None
                 if secret:
                     headers.update(self.sink.auth_headers(secret))
             started_s = loop.time()
             response_text = ""
-            try:
-                response = await self._client.post(request.url, content=request.body, headers=headers)
-            except httpx.HTTPError as error:
-                verdict = Verdict(
-                    DeliveryOutcome.RETRY_LATER, f"{type(error).__name__} calling {request.url}: {error}"
-                )
+            if isinstance(self.sink, RecordSink):
+                verdict = await self.sink.produce(part, request)
             else:
-                verdict = self.sink.classify(response, part)
-                response_text = response_excerpt(response)
+                try:
+                    response = await self._client.post(request.url, content=request.body, headers=headers)
+                except httpx.HTTPError as error:
+                    verdict = Verdict(
+                        DeliveryOutcome.RETRY_LATER, f"{type(error).__name__} calling {request.url}: {error}"
+                    )
+                else:
+                    verdict = self.sink.classify(response, part)
+                    response_text = response_excerpt(response)
             self.metrics.request_seconds.observe(loop.time() - started_s)
 
+            settles_some = any(
+                outcome in (DeliveryOutcome.DELIVERED, DeliveryOutcome.REJECTED)
+                for outcome, _ in verdict.per_event.values()
+            )
+            if settles_some and verdict.outcome not in (DeliveryOutcome.DELIVERED, DeliveryOutcome.REJECTED):
+                # Settle what the far side answered now; the rest comes back here as a smaller batch.
+                self.status.last_error = verdict.reason
+                return verdict, response_text
             if verdict.outcome in (DeliveryOutcome.DELIVERED, DeliveryOutcome.REJECTED):
                 if self.status.paused_reason:
                     log.info("billing API accepts our credentials again; delivery resumed")

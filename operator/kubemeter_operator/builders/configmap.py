@@ -70,6 +70,10 @@ def render_gateway_config(collector: CollectorRef, spec: CollectorSpec, cluster_
         namespace=collector.namespace,
         output=spec.output,
         credentials_file=f"{secret_dir(secret.name)}/{secret.key}" if secret else None,
+        kafka_files={
+            role: f"{secret_dir(ref.name)}/{ref.key}"
+            for role, _, ref in (spec.output.kafka.secret_files() if spec.output.kafka else [])
+        },
         buffer=spec.buffer,
         buffer_max_bytes=max(1, int(quantity_to_bytes(spec.buffer.size) * BUFFER_USABLE_FRACTION)),
         data_dir=GATEWAY_DATA_DIR,

@@ -60,20 +60,34 @@ def get_gateway_statefulset(
         ("credentials", spec.output.credentials_secret_ref),
         ("ingest-token", spec.gateway.ingest_token_secret_ref),
     )
+    by_secret: dict[str, dict[str, Any]] = {}
     for volume_name, secret in named:
         if secret is None:
             continue
-        volumes.append(
-            {
-                "name": volume_name,
-                "secret": {
-                    "secretName": secret.name,
-                    "items": [{"key": secret.key, "path": secret.key}],
-                    "defaultMode": SECRET_FILE_MODE,
-                },
-            }
-        )
+        volume = {
+            "name": volume_name,
+            "secret": {
+                "secretName": secret.name,
+                "items": [{"key": secret.key, "path": secret.key}],
+                "defaultMode": SECRET_FILE_MODE,
+            },
+        }
+        volumes.append(volume)
+        by_secret[secret.name] = volume
         mounts.append({"name": volume_name, "mountPath": secret_dir(secret.name), "readOnly": True})
+    # output.kafka's Secrets (SASL, TLS): one volume per Secret, only the keys it reads.
+    for _, _, ref in spec.output.kafka.secret_files() if spec.output.kafka else []:
+        if ref.name not in by_secret:
+            volume = {
+                "name": f"kafka-{len(by_secret)}",
+                "secret": {"secretName": ref.name, "items": [], "defaultMode": SECRET_FILE_MODE},
+            }
+            volumes.append(volume)
+            by_secret[ref.name] = volume
+            mounts.append({"name": volume["name"], "mountPath": secret_dir(ref.name), "readOnly": True})
+        items = by_secret[ref.name]["secret"]["items"]
+        if all(item["key"] != ref.key for item in items):
+            items.append({"key": ref.key, "path": ref.key})
     claim: dict[str, Any] = {
         "metadata": {"name": DATA_VOLUME, "labels": labels(collector, "gateway")},
         "spec": {

@@ -295,6 +295,38 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         "cannot be renamed or overwritten",
     ),
     (
+        "collector-kafka-without-options",
+        resource("Collector", {"output": {"type": "kafka"}}),
+        "output.kafka is required for type kafka and applies to it only",
+    ),
+    (
+        "collector-kafka-two-topics",
+        resource(
+            "Collector",
+            {
+                "output": {
+                    "type": "kafka",
+                    "kafka": {"bootstrapServers": ["k:9092"], "topic": "a", "topicExpression": "'b'"},
+                }
+            },
+        ),
+        "output.kafka: set exactly one of topic (a fixed topic) and topicExpression",
+    ),
+    (
+        "collector-kafka-with-url",
+        resource(
+            "Collector",
+            {
+                "output": {
+                    "type": "kafka",
+                    "url": "http://x:1",
+                    "kafka": {"bootstrapServers": ["k:9092"], "topic": "a"},
+                }
+            },
+        ),
+        "output.url is required for the HTTP outputs and does not apply to type kafka",
+    ),
+    (
         "pipeline-bad-collector-name",
         resource("Pipeline", {"collectorRef": "Not_A_Name", "meters": ["a"]}),
         "spec.collectorRef: Invalid value",
