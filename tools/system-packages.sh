@@ -5,6 +5,8 @@
 #   runc             the real node's OCI runtime (testbed/realnode.py)
 #   busybox-static   the real node's test image (testbed/images.py)
 #   chromium         the report's browser tests (tests/support/browser.py), with fonts-dejavu-core
+#   openjdk-17-jre-headless, maven   the Kafka broker of the Kafka output's tests (testbed/kafka.py):
+#                    Java 17 runs it, Maven fetches its jars from Maven Central (tools/kafka)
 #   tools/system-packages.sh          install what is missing
 #   tools/system-packages.sh --check  only say what is missing (exit 1 if anything is)
 set -euo pipefail
@@ -13,6 +15,8 @@ command -v prometheus >/dev/null || need+=(prometheus)
 command -v openssl >/dev/null || need+=(openssl)
 [ -x /usr/sbin/runc ] || need+=(runc)
 command -v chromium >/dev/null || need+=(chromium fonts-dejavu-core)
+command -v java >/dev/null || need+=(openjdk-17-jre-headless)
+command -v mvn >/dev/null || need+=(maven)
 # a static busybox: ldd refuses it ("not a dynamic executable")
 { [ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1; } || need+=(busybox-static)
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi

@@ -161,6 +161,10 @@ def collector_status(
     else:
         faults = list(previous.get("sourceFaults") or [])
     degraded = list(problems) + ([source_fault_problem(faults)] if faults else [])
+    # A gateway that paused delivery (credentials or ACLs refused) needs a person: Degraded.
+    paused = [report.paused_reason for report in reports or [] if report.paused_reason]
+    if paused:
+        degraded.append(Problem("DeliveryPaused", f"delivery to the output is paused: {paused[0]}"))
     values = {
         READY: collector_ready(problems, replicas, agents, gateway),
         DEGRADED: degraded_value(degraded),

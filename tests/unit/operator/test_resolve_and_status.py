@@ -204,6 +204,21 @@ def test_a_source_fault_an_agent_reports_degrades_the_collector_but_keeps_it_rea
     assert [e.reason for e in transition_events(faulted, cleared)] == ["Recovered"]
 
 
+def test_a_gateway_that_paused_delivery_degrades_the_collector_with_its_reason() -> None:
+    from kubemeter.api.rendered import GatewayStatusReport
+
+    counts = ({"desired": 1, "ready": 1}, {"desired": 1, "ready": 1})
+    reason = "Broker: Topic authorization failed: grant it WRITE (and DESCRIBE) on the topic"
+    paused = collector_status(
+        {}, 1, [], 1, 2, *counts, [GatewayStatusReport(paused_reason=reason, buffered_events=5)], NOW
+    )
+    degraded = {c["type"]: c for c in paused["conditions"]}["Degraded"]
+    assert (degraded["status"], degraded["reason"]) == ("True", "DeliveryPaused")
+    assert reason in degraded["message"]
+    resumed = collector_status(paused, 1, [], 1, 2, *counts, [GatewayStatusReport()], LATER)
+    assert {c["type"]: c for c in resumed["conditions"]}["Degraded"]["status"] == "False"
+
+
 def test_a_new_problem_posts_one_warning_and_its_fix_posts_a_recovery() -> None:
     from kubemeter_operator.resolve import Problem
 

@@ -240,6 +240,7 @@ class KafkaSink:
         # Records handed to librdkafka and not yet read back by produce(), by event id.
         self._outstanding: dict[str, asyncio.Future[KafkaError | None]] = {}
         self._last_error: str | None = None
+        self._auth_error: str | None = None
         self._fatal = False
 
     # -- the encoder ---------------------------------------------------------------------------
@@ -316,6 +317,8 @@ class KafkaSink:
             else:
                 answered.append(False)
                 results.append(None)
+        if any(a and r is None for r, a in zip(results, answered, strict=True)):
+            self._auth_error = None  # the brokers took a record: whatever was refused is fixed
         errors = collections.Counter(r.str() for r in results if r is not None)
         if errors:
             log.warning(
@@ -331,20 +334,15 @@ class KafkaSink:
         per_event = {positions[i]: outcome for i, outcome in verdict.per_event.items()}
         if verdict.outcome is DeliveryOutcome.UNAUTHORIZED:
             return Verdict(DeliveryOutcome.UNAUTHORIZED, verdict.reason, per_event=per_event)
-        reason = self._waiting_reason()
-        if self._auth_refused():
-            return Verdict(DeliveryOutcome.UNAUTHORIZED, reason, per_event=per_event)
-        return Verdict(DeliveryOutcome.RETRY_LATER, reason, per_event=per_event)
+        if self._auth_error is not None:
+            return Verdict(DeliveryOutcome.UNAUTHORIZED, self._auth_error, per_event=per_event)
+        return Verdict(DeliveryOutcome.RETRY_LATER, self._waiting_reason(), per_event=per_event)
 
     def _waiting_reason(self) -> str:
         return (
             f"no acknowledgement from the brokers ({','.join(self.spec.bootstrap_servers)}) within "
             f"{self.ack_timeout_s:g} s; last error: {self._last_error or 'none'}"
         )
-
-    def _auth_refused(self) -> bool:
-        text = self._last_error or ""
-        return any(hint in text for hint in ("Authentication", "SASL authentication", "SSL handshake"))
 
     def _produce_one(self, record: KafkaRecord) -> asyncio.Future[KafkaError | None]:
         assert self._loop is not None and self._producer is not None
@@ -374,6 +372,9 @@ class KafkaSink:
     def _on_error(self, error: KafkaError) -> None:
         # Runs on the poll thread: connection-level trouble (brokers down, authentication refused).
         self._last_error = error.str()
+        if error.code() in _UNAUTHORIZED:
+            # Kept apart from _last_error: "brokers down" follows a refused login and must not hide it.
+            self._auth_error = f"{error.str()}: {_UNAUTHORIZED[error.code()]}"
         if error.fatal():
             self._fatal = True
         log.warning("kafka: %s", error.str())
@@ -393,7 +394,7 @@ class KafkaSink:
         self._producer = Producer(config)
         self._producer_version = version
         self._fatal = False
-        self._last_error = None
+        self._last_error = self._auth_error = None
         self._polling.set()
         self._poller = threading.Thread(
             target=self._poll, args=(self._producer,), name="kafka-delivery-reports", daemon=True
