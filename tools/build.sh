@@ -88,7 +88,7 @@ tags="no_btrfs,no_devmapper,no_zfs,no_aufs,urfave_cli_no_docs" build containerd 
 build cni "-s -w" github.com/containernetworking/plugins/plugins/main/loopback \
   github.com/containernetworking/plugins/plugins/main/tap github.com/containernetworking/plugins/plugins/ipam/host-local
 build pause "-s -w" kubemeter.invalid/tools/pause
-# Apache Kafka (KRaft broker for the Kafka output's tests and `python -m tests.support.kafka up`):
+# Apache Kafka (KRaft broker for the Kafka output's tests and `python -m testbed.kafka up`):
 # the runtime jars of tools/kafka/pom.xml from Maven Central, checked against the lock
 # tools/kafka/jars.sha256, into $cache/kafka-<key>/lib; Maven's own repository is cached there too.
 kafka_started=$SECONDS

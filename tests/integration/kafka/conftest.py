@@ -1,4 +1,4 @@
-"""Real Kafka brokers (tests.support.kafka) and the gateway as a process producing to them."""
+"""Real Kafka brokers (testbed.kafka) and the gateway as a process producing to them."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import httpx
 import pytest
 from kubemeter.api.rendered import GatewayConfig
 
+from testbed.kafka import KafkaCluster, missing_parts
 from tests.integration.output.harness import GatewayProcess, eventually, free_port, usage_events
 from tests.support.ci import unavailable
-from tests.support.kafka import KafkaCluster, missing_parts
 
 BATCH = "application/cloudevents-batch+json"
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from testbed.kafka import KafkaCluster
 from tests.integration.kafka.conftest import (
     cloudevents,
     count_topic,
@@ -18,7 +19,6 @@ from tests.integration.kafka.conftest import (
     wait_delivered,
 )
 from tests.integration.output.harness import GatewayProcess, SecretVolume, eventually
-from tests.support.kafka import KafkaCluster
 
 pytestmark = pytest.mark.integration
 

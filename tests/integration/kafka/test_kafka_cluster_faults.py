@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from testbed.kafka import KafkaCluster
 from tests.integration.kafka.conftest import (
     cloudevents,
     count_topic,
@@ -16,7 +17,6 @@ from tests.integration.kafka.conftest import (
     wait_delivered,
 )
 from tests.integration.output.harness import GatewayProcess, eventually
-from tests.support.kafka import KafkaCluster
 
 pytestmark = pytest.mark.integration
 
@@ -31,13 +31,13 @@ async def test_partition_leader_killed_in_a_3_broker_cluster_loses_nothing(
     gateway.start()
     await gateway.wait_ready()
     expected: set[str] = set()
-    first = cloudevents(2000, "lead-a")
+    first = cloudevents(1500, "lead-a")
     expected |= {e["id"] for e in first}
     await send(gateway, first)
     leaders = kafka_trio.partition_leaders(topic)
     victim = leaders[0]
     kafka_trio.kill_node(victim)  # the leader of partition 0 (and the others it leads)
-    second = cloudevents(2000, "lead-b")
+    second = cloudevents(1500, "lead-b")
     expected |= {e["id"] for e in second}
     await send(gateway, second)
 

@@ -14,6 +14,7 @@ import pytest
 from kubemeter.output.dead_letters import list_dead_letters
 from kubemeter.output.sqlite_worker import open_connection
 
+from testbed.kafka import KafkaCluster
 from tests.integration.kafka.conftest import (
     cloudevents,
     count_topic,
@@ -23,7 +24,6 @@ from tests.integration.kafka.conftest import (
     wait_delivered,
 )
 from tests.integration.output.harness import GatewayProcess, eventually
-from tests.support.kafka import KafkaCluster
 
 pytestmark = pytest.mark.integration
 
@@ -128,7 +128,7 @@ async def test_gateway_sigkilled_mid_produce_loses_nothing(
     await gateway.wait_ready()
     rng = random.Random(17)
     expected: set[str] = set()
-    rounds, per_round = 5, 2000
+    rounds, per_round = 4, 1000
     for round_number in range(rounds):
         events = cloudevents(per_round, f"kill{round_number}")
         expected |= {e["id"] for e in events}
@@ -158,7 +158,7 @@ async def test_broker_restarted_while_producing_loses_nothing(
     kafka.create_topic(topic)
     gateway = _gateway(tmp_path, gateways, "gw", cluster=kafka, topic=topic)
     await gateway.wait_ready()
-    first, second = cloudevents(3000, "before"), cloudevents(3000, "during")
+    first, second = cloudevents(1500, "before"), cloudevents(1500, "during")
     await send(gateway, first)
     kafka.stop_node(1, timeout_s=15)
     await send(gateway, second)  # accepted onto the gateway's volume while the broker is away

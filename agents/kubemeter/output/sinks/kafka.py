@@ -59,8 +59,9 @@ _REFUSED = {
 _UNAUTHORIZED = {
     KafkaError.TOPIC_AUTHORIZATION_FAILED: "the principal may not write to the topic; grant it WRITE "
     "(and DESCRIBE) on the topic in the broker's ACLs",
-    KafkaError.CLUSTER_AUTHORIZATION_FAILED: "the principal may not use the cluster; grant it "
-    "IDEMPOTENT_WRITE on the cluster or upgrade the brokers to Kafka 2.8 or later",
+    KafkaError.CLUSTER_AUTHORIZATION_FAILED: "the principal may not get an idempotent producer id; "
+    "grant it WRITE (and DESCRIBE) on the topic in the broker's ACLs (Kafka 2.8 and later need no "
+    "more) or IDEMPOTENT_WRITE on the cluster",
     KafkaError.SASL_AUTHENTICATION_FAILED: "the brokers refused the SASL credentials; fix username and "
     "password in the Secret named by output.kafka.sasl.secretRef",
     KafkaError._AUTHENTICATION: "the brokers refused the SASL credentials; fix username and password in "
@@ -319,13 +320,18 @@ class KafkaSink:
                 results.append(None)
         if any(a and r is None for r, a in zip(results, answered, strict=True)):
             self._auth_error = None  # the brokers took a record: whatever was refused is fixed
+        if any(r is not None and r.code() == KafkaError._FATAL for r in results):
+            self._fatal = True  # rebuilt before the next attempt
         errors = collections.Counter(r.str() for r in results if r is not None)
         if errors:
             log.warning(
                 "kafka: %d of %d records not written: %s", sum(errors.values()), len(results), dict(errors)
             )
         if all(answered):
-            return classify(results, last_error=self._last_error)
+            verdict = classify(results, last_error=self._last_error)
+            if verdict.outcome is DeliveryOutcome.RETRY_LATER and self._auth_error is not None:
+                return Verdict(DeliveryOutcome.UNAUTHORIZED, self._auth_error, per_event=verdict.per_event)
+            return verdict
         verdict = classify(
             [r for r, a in zip(results, answered, strict=True) if a], last_error=self._last_error
         )
@@ -370,7 +376,8 @@ class KafkaSink:
         self._loop.call_soon_threadsafe(_resolve, future, error)
 
     def _on_error(self, error: KafkaError) -> None:
-        # Runs on the poll thread: connection-level trouble (brokers down, authentication refused).
+        # Runs on the poll thread: connection-level trouble (brokers down, authentication refused,
+        # a fatal error of the idempotent producer such as no permission to get a producer id).
         self._last_error = error.str()
         if error.code() in _UNAUTHORIZED:
             # Kept apart from _last_error: "brokers down" follows a refused login and must not hide it.
@@ -383,6 +390,8 @@ class KafkaSink:
         version = self.files.version()
         if self._producer is not None and not self._fatal and version == self._producer_version:
             return
+        if version != self._producer_version:
+            self._auth_error = None  # new credentials: whatever was refused may be fixed
         if self._producer is not None:
             why = "fatal error" if self._fatal else "credentials changed"
             log.info("kafka: %s; rebuilding the producer", why)
@@ -394,7 +403,7 @@ class KafkaSink:
         self._producer = Producer(config)
         self._producer_version = version
         self._fatal = False
-        self._last_error = self._auth_error = None
+        self._last_error = None
         self._polling.set()
         self._poller = threading.Thread(
             target=self._poll, args=(self._producer,), name="kafka-delivery-reports", daemon=True
@@ -403,7 +412,11 @@ class KafkaSink:
 
     def _poll(self, producer: Producer) -> None:
         while self._polling.is_set():
-            producer.poll(_POLL_INTERVAL_S)
+            try:
+                producer.poll(_POLL_INTERVAL_S)
+            except KafkaException as error:
+                # A fatal producer error is raised here as well as passed to error_cb.
+                self._on_error(error.args[0])
 
     def _close_producer(self) -> None:
         producer, self._producer = self._producer, None

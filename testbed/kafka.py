@@ -4,7 +4,7 @@ One combined broker+controller, or a static three-node quorum for the fault test
 SASL (PLAIN for the admin, SCRAM-SHA-512 for clients) with the StandardAuthorizer, so ACLs refuse.
 Each node is a ``java`` child process of this one, logging to ``<dir>/node-<id>/server.log``.
 
-    python -m tests.support.kafka up [--brokers 3] [--dir .state/kafka]   # until Ctrl-C
+    python -m testbed.kafka up [--brokers 3] [--dir .state/kafka]   # until Ctrl-C
 """
 
 from __future__ import annotations
@@ -22,19 +22,21 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
-from confluent_kafka.admin import (
-    AclBinding,
-    AclOperation,
-    AclPermissionType,
-    AdminClient,
-    NewTopic,
-    ResourcePatternType,
-    ResourceType,
-)
+from confluent_kafka import admin as kafka_admin
+from confluent_kafka.admin import AdminClient
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+# Exported at runtime, not in the package's stubs.
+AclBinding: Any = getattr(kafka_admin, "AclBinding")  # noqa: B009
+AclOperation: Any = getattr(kafka_admin, "AclOperation")  # noqa: B009
+AclPermissionType: Any = getattr(kafka_admin, "AclPermissionType")  # noqa: B009
+NewTopic: Any = getattr(kafka_admin, "NewTopic")  # noqa: B009
+ResourcePatternType: Any = getattr(kafka_admin, "ResourcePatternType")  # noqa: B009
+ResourceType: Any = getattr(kafka_admin, "ResourceType")  # noqa: B009
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 STARTED_LINE = "Kafka Server started"
 ADMIN_USER, ADMIN_PASSWORD = "admin", "admin-secret"
 _LOG4J2 = """\
@@ -127,9 +129,9 @@ class KafkaCluster:
     def bootstrap_servers(self) -> list[str]:
         return [f"127.0.0.1:{node.port}" for node in self.nodes]
 
-    def client_config(self) -> dict[str, str]:
+    def client_config(self) -> dict[str, str | int | float | bool]:
         """Settings for an admin or consumer client of this cluster (the admin principal)."""
-        config = {"bootstrap.servers": ",".join(self.bootstrap_servers)}
+        config: dict[str, str | int | float | bool] = {"bootstrap.servers": ",".join(self.bootstrap_servers)}
         if self.sasl:
             config |= {
                 "security.protocol": "sasl_plaintext",
@@ -151,9 +153,20 @@ class KafkaCluster:
             self._wait_started(node, timeout_s)
         self._wait_ready(timeout_s)
 
-    def stop(self) -> None:
-        for node in self.nodes:
-            self.stop_node(node.node_id)
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM every node at once (a quorum stops together), SIGKILL what is left after the timeout."""
+        running = [
+            node.process for node in self.nodes if node.process is not None and node.process.poll() is None
+        ]
+        for process in running:
+            process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for process in running:
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
     def kill_node(self, node_id: int) -> None:
         node = self.node(node_id)
@@ -272,9 +285,9 @@ class KafkaCluster:
                         if error.code() == KafkaError._PARTITION_EOF:
                             continue
                         raise KafkaException(error)
-                    records.append(
-                        (message.key() or b"", message.value() or b"", list(message.headers() or []))
-                    )
+                    raw_headers: Any = message.headers() or []
+                    headers = [(str(name), _bytes(raw)) for name, raw in raw_headers]
+                    records.append((_bytes(message.key()), _bytes(message.value()), headers))
                     if (message.offset() or 0) + 1 >= ends[message.partition() or 0]:
                         done.add(message.partition() or 0)
             return records
@@ -417,6 +430,10 @@ class KafkaCluster:
         return text
 
 
+def _bytes(value: str | bytes | None) -> bytes:
+    return value.encode() if isinstance(value, str) else (value or b"")
+
+
 @contextlib.contextmanager
 def running_cluster(root: Path, **options: object) -> Iterator[KafkaCluster]:
     cluster = KafkaCluster(root, **options)  # type: ignore[arg-type]
@@ -428,7 +445,7 @@ def running_cluster(root: Path, **options: object) -> Iterator[KafkaCluster]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.support.kafka", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m testbed.kafka", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start brokers on loopback until Ctrl-C")
     up.add_argument("--brokers", type=int, default=1, choices=(1, 3))
