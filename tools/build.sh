@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the test-infrastructure binaries (control plane, kwok, helm, kubeconform, and the real
 # node: kubelet, containerd + ctr + shim, CNI plugins, pause) from the wrapper Go modules in
-# tools/*/ into a cache outside the clone, keyed by each module's go.mod, go.sum and own sources.
+# tools/*/ into a cache outside the clone, keyed by each module's go.mod, go.sum and own sources,
+# then fetches the Kafka broker's jars (tools/kafka/fetch.sh).
 # Idempotent: a binary whose key is already built is reused, so a warm run takes seconds.
 #   tools/build.sh            build what is missing, link it into $KUBEMETER_TOOLS_BIN
 #   tools/build.sh --bin-dir  print that directory
@@ -88,26 +89,5 @@ tags="no_btrfs,no_devmapper,no_zfs,no_aufs,urfave_cli_no_docs" build containerd 
 build cni "-s -w" github.com/containernetworking/plugins/plugins/main/loopback \
   github.com/containernetworking/plugins/plugins/main/tap github.com/containernetworking/plugins/plugins/ipam/host-local
 build pause "-s -w" kubemeter.invalid/tools/pause
-# Apache Kafka (KRaft broker for the Kafka output's tests and `python -m testbed.kafka up`):
-# the runtime jars of tools/kafka/pom.xml from Maven Central, checked against the lock
-# tools/kafka/jars.sha256, into $cache/kafka-<key>/lib; Maven's own repository is cached there too.
-kafka_started=$SECONDS
-kafka_key=$(cat "$here/kafka/pom.xml" "$here/kafka/jars.sha256" | sha256sum | cut -c1-16)
-kafka_out="$cache/kafka-$kafka_key"
-if [ ! -f "$kafka_out/lib/.verified" ]; then
-  command -v java >/dev/null || { echo "Java 17 is required for the Kafka broker (apt-get install openjdk-17-jre-headless)" >&2; exit 1; }
-  command -v mvn >/dev/null || { echo "Maven is required to fetch the Kafka broker (apt-get install maven)" >&2; exit 1; }
-  echo "fetching Kafka jars (tools/kafka/pom.xml) into $kafka_out" >&2
-  rm -rf "$kafka_out.tmp"
-  mvn -q -B -Dstyle.color=never -f "$here/kafka/pom.xml" -Dmaven.repo.local="$cache/maven-repository" \
-    dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$kafka_out.tmp/lib" >&2
-  # The lock: exactly these jars with exactly these digests, or nothing is installed.
-  (cd "$kafka_out.tmp/lib" && ls -1 | sort | cmp -s - <(awk '{print $2}' "$here/kafka/jars.sha256" | sort) \
-    && sha256sum --quiet -c "$here/kafka/jars.sha256") \
-    || { echo "Kafka jars differ from tools/kafka/jars.sha256" >&2; exit 1; }
-  touch "$kafka_out.tmp/lib/.verified"
-  rm -rf "$kafka_out" && mv "$kafka_out.tmp" "$kafka_out"
-  echo "fetched Kafka in $((SECONDS - kafka_started)) s" >&2
-fi
-ln -sfn "$kafka_out/lib" "$bin/kafka-lib"
+"$here/kafka/fetch.sh"  # the Kafka broker's jars (Maven Central, no Go)
 echo "tools ready in $bin ($((SECONDS - started)) s)" >&2

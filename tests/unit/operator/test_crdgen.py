@@ -65,7 +65,8 @@ def test_defaults_and_enums_live_in_the_schema() -> None:
     assert buffer["whenFull"]["enum"] == ["Block", "DropOldest"]
     assert buffer["whenFull"]["default"] == "Block"
     assert buffer["onDelete"]["default"] == "Retain"
-    assert spec["output"]["properties"]["type"]["enum"] == ["openmeter", "flexprice", "lago", "cloudevents"]
+    output_types = ["openmeter", "flexprice", "lago", "cloudevents", "kafka"]
+    assert spec["output"]["properties"]["type"]["enum"] == output_types
     assert spec["output"]["properties"]["url"]["format"] == "uri"
     assert spec["agent"]["default"]["resources"]["requests"] == {"cpu": "50m", "memory": "64Mi"}
 
