@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kubemeter.output.dead_letters import list_dead_letters
@@ -126,25 +126,40 @@ async def test_gateway_sigkilled_mid_produce_loses_nothing(
     kafka.create_topic(topic)
     gateway = _gateway(tmp_path, gateways, "gw", cluster=kafka, topic=topic, batch_max_events=100)
     await gateway.wait_ready()
-    rng = random.Random(17)
     expected: set[str] = set()
-    rounds, per_round = 4, 1000
+    rounds, per_round = 4, 4000
+    left_at_kill: list[int] = []
     for round_number in range(rounds):
         events = cloudevents(per_round, f"kill{round_number}")
         expected |= {e["id"] for e in events}
         await send(gateway, events)
-        # Kill while records of this round are in flight (some acknowledged, some not).
-        await asyncio.sleep(rng.uniform(0.05, 0.4))
+        # Kill once this process has had records acknowledged while others are still buffered: some
+        # records are in flight, some acknowledged ones may not be marked in the queue yet.
+        status = await _first_acknowledgement(gateway)
         gateway.kill()
+        left_at_kill.append(int(status["bufferedEvents"]))
         gateway.start()
         await gateway.wait_ready()
     await eventually(
         lambda: _buffer_empty(gateway), timeout_s=120, what="the gateway to drain after the last restart"
     )
     count = count_topic(kafka, topic, expected)
+    print(f"buffered events when each SIGKILL came: {left_at_kill}")
     report(f"gateway SIGKILL mid-produce ({rounds}x)", count, len(expected))
+    assert all(left > 0 for left in left_at_kill), "a kill came after the round was delivered"
     assert not count.lost, f"{len(count.lost)} events lost, e.g. {sorted(count.lost)[:3]}"
     assert not count.unexpected
+
+
+async def _first_acknowledgement(gateway: GatewayProcess, timeout_s: float = 60.0) -> dict[str, Any]:
+    """The gateway's status as soon as this process has delivered anything (polled every 5 ms)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = await gateway.status()
+        if status.get("deliveredEvents", 0) > 0:
+            return status
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"nothing delivered within {timeout_s} s: {status}")
 
 
 async def _buffer_empty(gateway: GatewayProcess) -> bool:
