@@ -317,7 +317,10 @@ def _post_to_gateway(run: ChaosRun, events: list[dict[str, Any]]) -> int:
         f"{run.stack.gateway_url}/api/v1/events",
         data=json.dumps(events).encode(),
         method="POST",
-        headers={"Content-Type": "application/cloudevents-batch+json"},
+        headers={
+            "Content-Type": "application/cloudevents-batch+json",
+            "Authorization": f"Bearer {run.stack.ingest_token}",
+        },
     )
     try:
         with urllib.request.urlopen(request, timeout=30) as response:

@@ -13,6 +13,7 @@ harness, and can be killed, stopped and started again on the same ports and dire
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -100,6 +101,8 @@ class Stack:
     processes: dict[str, Process] = field(default_factory=dict)
     sink_port: int = 0
     gateway_port: int = 0
+    # The bearer token the gateway accepts (from the generated Secret), for posting to ingest directly.
+    ingest_token: str = ""
     # Where the gateway keeps its queue (its PersistentVolume); default: <state>/gateway.
     gateway_data_dir: Path | None = None
     agent_config_text: str = ""
@@ -264,15 +267,31 @@ class Stack:
         )
         return config_map
 
+    def mount_secret_file(self, pod_path: str | None, namespace: str = NAMESPACE) -> str | None:
+        """The kubelet's part for a Secret volume: ``pod_path`` (``<secrets dir>/<name>/<key>`` in the
+        pod) written from the Secret the API server holds (the operator's generated ingest token)."""
+        if pod_path is None:
+            return None
+        name, key = Path(pod_path).parent.name, Path(pod_path).name
+        secret = self.api("GET", f"/api/v1/namespaces/{namespace}/secrets/{name}")
+        local = self.state / "secrets" / name / key
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_bytes(base64.b64decode(secret["data"][key]))
+        return str(local)
+
     def start_gateway(self, config: GatewayConfig) -> None:
         self.gateway_port = self.gateway_port or free_port()
         token_file = self.state / "billing-token"
         token_file.write_text("replace-me\n")
         data_dir = self.gateway_data_dir or self.state / "gateway"
+        # Ingest is authenticated: the operator generated the token Secret the gateway mounts.
+        token_path = self.mount_secret_file(config.ingest_token_file)
+        self.ingest_token = Path(token_path).read_text().splitlines()[0] if token_path else ""
         local = config.model_copy(
             update={
                 "output": config.output.model_copy(update={"url": self.sink_url}),
                 "credentials_file": str(token_file),
+                "ingest_token_file": token_path,
                 "data_dir": str(data_dir),
                 "listen_address": f"127.0.0.1:{self.gateway_port}",
             }
@@ -326,6 +345,9 @@ class Stack:
         local = AgentConfig.from_yaml(agent_yaml).model_copy(
             update={
                 "gateway_url": self.gateway_url,
+                "ingest_token_file": self.mount_secret_file(
+                    AgentConfig.from_yaml(agent_yaml).ingest_token_file
+                ),
                 "spool_dir": str(directory / "spool"),
                 "checkpoint_dir": str(directory / "checkpoints"),
                 "metrics_port": self.agent_ports[node],

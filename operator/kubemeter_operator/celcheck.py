@@ -2,7 +2,9 @@
 
 The API server cannot know which variables an expression sees, so the operator compiles each one
 and evaluates it once against a sample of its inputs: a parse error or an unknown name (``evnt``,
-``pods``) is reported; errors that depend on data (a missing label) are not."""
+``pods``) is reported; errors that depend on data (a missing label) are not. The evaluation runs
+under the agents' step budget (kubemeter.pipeline.cel): an expression that would hang an agent
+cannot hang this check either, and is reported as over the budget."""
 
 from __future__ import annotations
 
@@ -10,9 +12,9 @@ import re
 from functools import lru_cache
 from typing import Any
 
-import celpy
 from celpy import celparser, evaluation
 from celpy.adapter import json_to_cel
+from kubemeter.pipeline.cel import CelBudgetExceeded, compile_program, run_program
 
 METER_VARIABLES = ("pod", "namespace", "node")
 PROCESSOR_VARIABLES = ("event",)
@@ -51,15 +53,16 @@ _SAMPLES: dict[str, Any] = {
 @lru_cache(maxsize=8192)
 def expression_error(expression: str, variables: tuple[str, ...]) -> str | None:
     """None when ``expression`` is usable with ``variables``; otherwise what is wrong and the fix."""
-    environment = celpy.Environment()
     try:
-        ast = environment.compile(expression)
+        program = compile_program(expression)
     except celparser.CELParseError as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else "syntax error"
         return f"does not compile ({first_line}); check the CEL syntax"
     activation = {name: json_to_cel(_SAMPLES[name]) for name in variables}
     try:
-        result = environment.program(ast).evaluate(activation)
+        result = run_program(program, activation)
+    except CelBudgetExceeded as error:
+        return f"is over the CEL cost budget: {error}"
     except evaluation.CELEvalError as error:
         return _undeclared(str(error), variables)
     except Exception:  # cel-python raises plain errors for some type mismatches: data-dependent

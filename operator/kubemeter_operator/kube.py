@@ -142,6 +142,19 @@ class KubeApi:
             self._applied[path] = digest
         return written
 
+    def create_if_absent(self, manifest: Manifest) -> bool:
+        """POST ``manifest`` unless an object of its name exists (never overwritten). True if created."""
+        meta = manifest["metadata"]
+        path = object_path(manifest["apiVersion"], manifest["kind"], meta.get("namespace"))
+        try:
+            self.request("POST", path, body=manifest, query={"fieldManager": FIELD_MANAGER})
+        except ApiException as error:
+            if error.status == 409:
+                return False
+            raise
+        CHILD_WRITES.labels(kind=manifest["kind"]).inc()
+        return True
+
     def delete(self, api_version: str, kind: str, namespace: str | None, name: str) -> bool:
         path = object_path(api_version, kind, namespace, name)
         self.forget(path)

@@ -33,6 +33,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         prefix=API_GROUP, key="last-handled-configuration"
     )
     settings.persistence.finalizer = f"{API_GROUP}/finalizer"
+    # One ClusterKopfPeering in every mode, also when only listed namespaces are watched (--namespace):
+    # kopf would otherwise look for a namespaced KopfPeering, which kubemeter does not install.
+    settings.peering.clusterwide = True
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 60
     settings.watching.client_timeout = 90

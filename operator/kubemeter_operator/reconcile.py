@@ -27,6 +27,11 @@ from kubernetes.client.exceptions import ApiException
 
 from kubemeter_operator.builders import build_children
 from kubemeter_operator.builders.common import CollectorRef
+from kubemeter_operator.builders.configmap import (
+    GENERATED_TOKEN_KEY,
+    generated_token_secret_name,
+    get_generated_token_secret,
+)
 from kubemeter_operator.builders.rbac import get_agent_cluster_role
 from kubemeter_operator.kube import KubeApi
 from kubemeter_operator.metrics import DEGRADED_OBJECTS, RECONCILE_SECONDS, RECONCILES, STATUS_WRITES
@@ -98,6 +103,7 @@ class Reconciler:
             self.api.forget()
         secret_names = referenced_secrets(snapshot.collectors, snapshot.meters)
         secrets = {name: self.api.secret_keys(namespace, name) for name in sorted(secret_names)}
+        self._generate_ingest_tokens(snapshot, secrets)
         resolution = resolve_namespace(snapshot.collectors, snapshot.pipelines, snapshot.meters, secrets)
         now = now_utc()
 
@@ -173,6 +179,25 @@ class Reconciler:
         log.info("namespace %s reconciled: %d child writes (refresh=%s)", namespace, writes, refresh)
         RECONCILE_SECONDS.observe(time.monotonic() - started)
         RECONCILES.labels(outcome="success").inc()
+
+    def _generate_ingest_tokens(self, snapshot: NamespaceSnapshot, secrets: dict[str, Any]) -> None:
+        """Authenticated ingest by default: a Collector without gateway.ingestTokenSecretRef gets a
+        random token Secret, created once and kept (a resync finds it and leaves it alone)."""
+        for collector in snapshot.collectors:
+            if collector.deleting or (collector.spec.get("gateway") or {}).get("ingestTokenSecretRef"):
+                continue
+            name = generated_token_secret_name(collector.name)
+            if secrets.get(name) is not None:
+                continue
+            ref = CollectorRef(namespace=snapshot.namespace, name=collector.name, uid=collector.uid)
+            try:
+                self.api.create_if_absent(get_generated_token_secret(ref))
+            except ApiException as error:
+                log.warning(
+                    "could not create Secret %s/%s: %s %s", snapshot.namespace, name, error.reason, error.body
+                )
+                continue  # reported as SecretNotFound on the Collector
+            secrets[name] = frozenset({GENERATED_TOKEN_KEY})
 
     def _write_status(self, target: ObjectView, desired: dict[str, Any]) -> None:
         if not status_changed(target.status, desired):

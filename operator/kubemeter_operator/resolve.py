@@ -8,13 +8,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubemeter.api.collector import CollectorSpec
-from kubemeter.api.common import LabelSelector, LabelSelectorOperator
+from kubemeter.api.common import LabelSelector, LabelSelectorOperator, SecretKeyRef
 from kubemeter.api.meter import MeterSpec
 from kubemeter.api.pipeline import PipelineSpec
 from kubemeter.api.rendered import ResolvedMeter
 from pydantic import ValidationError
 
-from kubemeter_operator.builders.configmap import secret_dir
+from kubemeter_operator.builders.configmap import (
+    GENERATED_TOKEN_KEY,
+    generated_token_secret_name,
+    secret_dir,
+)
 from kubemeter_operator.celcheck import (
     DEVICE_VARIABLES,
     METER_VARIABLES,
@@ -136,11 +140,46 @@ def source_secret(spec: MeterSpec) -> tuple[str, str, list[frozenset[str]]] | No
     return None
 
 
-def meter_secret_problems(meter: ObjectView, spec: MeterSpec, secrets: SecretKeys) -> list[Problem]:
+def collector_secrets(collectors: Sequence[ObjectView]) -> dict[str, str]:
+    """Secret name -> what it holds for which Collector: the billing API key, the ingest token
+    (named or generated) and the Kafka credentials. No Meter may read these: its agents would send
+    them where the Meter says."""
+    held: dict[str, str] = {}
+    for collector in sorted(collectors, key=lambda item: item.name):
+        output = (collector.spec.get("output") or {}).get("credentialsSecretRef")
+        token = (collector.spec.get("gateway") or {}).get("ingestTokenSecretRef")
+        if isinstance(output, Mapping) and output.get("name"):
+            held.setdefault(str(output["name"]), f'Collector "{collector.name}"\'s billing API key')
+        token_name = token.get("name") if isinstance(token, Mapping) else None
+        token_name = token_name or generated_token_secret_name(collector.name)
+        held.setdefault(str(token_name), f'Collector "{collector.name}"\'s ingest token')
+        kafka = (collector.spec.get("output") or {}).get("kafka") or {}
+        for what, reference in (
+            ("Kafka SASL credentials", (kafka.get("sasl") or {}).get("secretRef")),
+            ("Kafka client certificate", (kafka.get("tls") or {}).get("clientCertificateSecretRef")),
+            ("Kafka CA bundle", (kafka.get("tls") or {}).get("caSecretRef")),
+        ):
+            if isinstance(reference, Mapping) and reference.get("name"):
+                held.setdefault(str(reference["name"]), f'Collector "{collector.name}"\'s {what}')
+    return held
+
+
+def meter_secret_problems(
+    meter: ObjectView, spec: MeterSpec, secrets: SecretKeys, held: Mapping[str, str] | None = None
+) -> list[Problem]:
     needed = source_secret(spec)
     if needed is None:
         return []
     where, name, key_sets = needed
+    if held and name in held:
+        return [
+            Problem(
+                "ForbiddenSecret",
+                f'Meter "{meter.name}": {where} names Secret "{name}", which holds {held[name]}; a Meter '
+                "may not read it (its agents would send it to the Meter's URL) and it is not mounted; "
+                "name a Secret of its own",
+            )
+        ]
     wanted = " or ".join(" and ".join(sorted(keys)) for keys in key_sets)
     keys = secrets.get(name)
     if keys is None:
@@ -213,7 +252,8 @@ def referenced_secrets(collectors: Sequence[ObjectView], meters: Sequence[Object
         kafka = (collector.spec.get("output") or {}).get("kafka") or {}
         references = [
             (collector.spec.get("output") or {}).get("credentialsSecretRef"),
-            (collector.spec.get("gateway") or {}).get("ingestTokenSecretRef"),
+            (collector.spec.get("gateway") or {}).get("ingestTokenSecretRef")
+            or {"name": generated_token_secret_name(collector.name)},
             (kafka.get("sasl") or {}).get("secretRef"),
             (kafka.get("tls") or {}).get("caSecretRef"),
             (kafka.get("tls") or {}).get("clientCertificateSecretRef"),
@@ -235,9 +275,13 @@ def _collector_secret_problems(
 ) -> list[Problem]:
     problems = []
     kafka_files = spec.output.kafka.secret_files() if spec.output.kafka else []
+    token = spec.gateway.ingest_token_secret_ref
+    generated = generated_token_secret_name(collector.name)
+    if token is None and generated in secrets:  # the operator creates it; checked once it tried
+        token = SecretKeyRef(name=generated, key=GENERATED_TOKEN_KEY)
     for field_path, reference in (
         ("spec.output.credentialsSecretRef", spec.output.credentials_secret_ref),
-        ("spec.gateway.ingestTokenSecretRef", spec.gateway.ingest_token_secret_ref),
+        ("spec.gateway.ingestTokenSecretRef", token),
         *((where, ref) for _, where, ref in kafka_files),
     ):
         if reference is None:
@@ -285,12 +329,13 @@ def resolve_namespace(
     live_collectors = {collector.name: collector for collector in collectors}
 
     meter_specs: dict[str, MeterSpec] = {}
+    held = collector_secrets(collectors)
     for meter in sorted(meters, key=lambda item: item.name):
         meter_spec, problems = parse_meter(meter)
         if meter_spec is not None:
             meter_specs[meter.name] = meter_spec
             result.meter_sources[meter.name] = meter_spec.source.summary()
-            problems += meter_secret_problems(meter, meter_spec, secrets)
+            problems += meter_secret_problems(meter, meter_spec, secrets, held)
         result.meter_problems[meter.name] = problems
         result.meter_collectors[meter.name] = []
 

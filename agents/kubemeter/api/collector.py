@@ -572,7 +572,8 @@ class GatewaySpec(SpecModel):
             "(Authorization: Bearer). The gateway accepts every line of it, agents send the first, and "
             "both re-read it when the kubelet updates the Secret: rotate with no restart by writing "
             "'new<newline>old', then 'new'. Use a Secret of its own: agents on every node mount it. "
-            "Unset, ingest accepts unauthenticated requests."
+            "Unset, the operator generates a random token in Secret <collector>-ingest-token (key "
+            "token), owned by the Collector and kept across resyncs: ingest is never open."
         ),
     )
     node_selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(

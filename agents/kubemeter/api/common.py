@@ -55,7 +55,47 @@ Quantity = Annotated[
     AfterValidator(_check_quantity),
     Field(json_schema_extra={"x-kubernetes-int-or-string": True, "pattern": QUANTITY_PATTERN}),
 ]
-CelExpression = Annotated[str, Field(min_length=1, max_length=1024)]
+# CEL cost at apply: comprehensions (all, exists, exists_one, map, filter) are the only loops in CEL
+# and nested ones multiply (five nested over 10-element lists: 10^5 iterations, minutes in the
+# agent). The API server counts them with this pattern (RE2 in the CRD rule, the same in the model);
+# what is left (two over long lists) is stopped by the agents' step budget (kubemeter.pipeline.cel).
+CEL_MAX_COMPREHENSIONS = 2
+CEL_COMPREHENSION_PATTERN = r"\.\s*(all|exists_one|exists|map|filter)\s*\("
+_COMPREHENSION_RE = re.compile(CEL_COMPREHENSION_PATTERN)
+CEL_COMPREHENSIONS_MESSAGE = (
+    f"more than {CEL_MAX_COMPREHENSIONS} comprehensions (all, exists, exists_one, map, filter): nested "
+    "ones multiply the evaluation cost in every agent; iterate once (test a label with 'in' or has(), "
+    "combine conditions inside one exists) or compute the value in a Pipeline processor"
+)
+
+
+def _check_comprehensions(value: str) -> str:
+    if len(_COMPREHENSION_RE.findall(value)) > CEL_MAX_COMPREHENSIONS:
+        raise ValueError(CEL_COMPREHENSIONS_MESSAGE)
+    return value
+
+
+def _cel_string(pattern: str) -> str:
+    return "'" + pattern.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+CelExpression = Annotated[
+    str,
+    AfterValidator(_check_comprehensions),
+    Field(
+        min_length=1,
+        max_length=1024,
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": f"self.findAll({_cel_string(CEL_COMPREHENSION_PATTERN)}).size() "
+                    f"<= {CEL_MAX_COMPREHENSIONS}",
+                    "message": CEL_COMPREHENSIONS_MESSAGE,
+                }
+            ]
+        },
+    ),
+]
 HttpUrl = Annotated[
     str, Field(pattern=HTTP_URL_PATTERN, max_length=2048, json_schema_extra={"format": "uri"})
 ]

@@ -5,6 +5,13 @@ label with a default (``'team' in pod.metadata.labels ? pod.metadata.labels['tea
 most ``set`` values plain string literals. Those are evaluated directly, and the CEL interpreter
 (celpy with its parser, ~10 MiB of an agent's memory) is imported only when some expression needs
 more than that.
+
+Every interpreted evaluation has a step budget (:data:`CEL_STEP_BUDGET` visits of the parse tree,
+shared by the nested evaluations of ``map``/``all``/``exists``/``filter``): nested comprehensions
+multiply, and a 150-character expression of five nested ``map``/``all`` over 10-element lists takes
+about 10^6 steps (minutes in celpy). Over the budget an evaluation stops with :class:`CelError`
+instead, in the agent and in the operator's check alike. The API server refuses expressions with
+more than :data:`kubemeter.api.common.CEL_MAX_COMPREHENSIONS` comprehensions at apply.
 """
 
 from __future__ import annotations
@@ -14,9 +21,23 @@ from collections.abc import Mapping
 from functools import cache
 from typing import Any
 
+# ~25,000 steps/s in celpy on one core (tests/unit/agent/test_cel_budget.py prints it): an
+# evaluation stops within about half a second. Realistic subjects take tens of steps (a path: 5-10, a
+# label default: ~20, ``exists`` over 5 containers: ~80).
+CEL_STEP_BUDGET = 10_000
+
 
 class CelError(ValueError):
     """An expression that does not compile or cannot be evaluated; the message names it."""
+
+
+class CelBudgetExceeded(CelError):
+    """The evaluation took more than :data:`CEL_STEP_BUDGET` steps and was stopped."""
+
+
+class _OverBudget(Exception):
+    """Raised inside celpy (which catches its own CELEvalError in ``||``, ``&&`` and macros, and
+    would go on iterating); not a CELEvalError, so nothing in the interpreter swallows it."""
 
 
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
@@ -94,8 +115,46 @@ def conditional_of(text: str) -> tuple[str, tuple[str, list[str]], Operand, Oper
 @cache
 def _environment() -> Any:
     import celpy  # loaded only when an expression needs it
+    from celpy.evaluation import Evaluator
 
-    return celpy.Environment()
+    class BudgetedEvaluator(Evaluator):
+        """Counts every visit of a parse-tree node; the macros' nested evaluators share the count."""
+
+        def __init__(self, ast: Any, activation: Any, steps: list[int] | None = None) -> None:
+            super().__init__(ast, activation)
+            self.steps = steps if steps is not None else [0]
+
+        def _visit_tree(self, tree: Any) -> Any:
+            self.steps[0] += 1
+            if self.steps[0] > CEL_STEP_BUDGET:
+                raise _OverBudget
+            return super()._visit_tree(tree)
+
+        def sub_evaluator(self, ast: Any) -> Any:
+            return BudgetedEvaluator(ast, self.activation, self.steps)
+
+    class BudgetedRunner(celpy.InterpretedRunner):
+        def evaluate(self, context: Any) -> Any:
+            return BudgetedEvaluator(self.ast, self.new_activation()).evaluate(context)
+
+    return celpy.Environment(runner_class=BudgetedRunner)
+
+
+def compile_program(text: str) -> Any:
+    """A celpy program with the step budget; raises celpy's CELParseError."""
+    environment = _environment()
+    return environment.program(environment.compile(text))
+
+
+def run_program(program: Any, activation: Mapping[str, Any]) -> Any:
+    """``program`` evaluated over CEL values; :class:`CelBudgetExceeded` when it runs over budget."""
+    try:
+        return program.evaluate(activation)
+    except _OverBudget:
+        raise CelBudgetExceeded(
+            f"stopped after {CEL_STEP_BUDGET} evaluation steps (the CEL cost budget); nested "
+            "map/all/exists/filter multiply: iterate once, or test labels with 'in' and has()"
+        ) from None
 
 
 def to_native(value: Any) -> Any:
@@ -130,9 +189,8 @@ class Expression:
             return
         from celpy.celparser import CELParseError
 
-        environment = _environment()
         try:
-            self._program = environment.program(environment.compile(text))
+            self._program = compile_program(text)
         except CELParseError as error:
             raise CelError(f"{where}: {text!r} is not valid CEL ({error}); see https://cel.dev") from error
 
@@ -150,7 +208,9 @@ class Expression:
         from celpy.evaluation import CELEvalError
 
         try:
-            result = self._program.evaluate({name: json_to_cel(value) for name, value in variables.items()})
+            result = run_program(self._program, {k: json_to_cel(v) for k, v in variables.items()})
+        except CelBudgetExceeded as error:
+            raise CelBudgetExceeded(f"{self.where}: {self.text!r} {error}") from None
         except CELEvalError as error:
             raise CelError(
                 f"{self.where}: {self.text!r} failed: {error.args[0] if error.args else error}"

@@ -9,7 +9,12 @@ from kubemeter.api.rendered import ResolvedMeter
 
 from kubemeter_operator.builders.agent import get_agent_daemonset
 from kubemeter_operator.builders.common import CollectorRef, Manifest, content_hash
-from kubemeter_operator.builders.configmap import get_config_map, render_agent_config, render_gateway_config
+from kubemeter_operator.builders.configmap import (
+    get_config_map,
+    render_agent_config,
+    render_gateway_config,
+    with_ingest_token,
+)
 from kubemeter_operator.builders.gateway import (
     get_gateway_headless_service,
     get_gateway_pod_disruption_budget,
@@ -33,7 +38,9 @@ def build_children(
     settings: OperatorSettings,
     agent_secret_names: Sequence[str] = (),
 ) -> list[Manifest]:
-    """Every object a Collector owns, in the order they should be applied (RBAC and config first)."""
+    """Every object a Collector owns, in the order they should be applied (RBAC and config first),
+    but for the generated ingest token Secret, which is created once (reconcile.py)."""
+    spec = with_ingest_token(collector, spec)
     agent_config = render_agent_config(collector, spec, meters, settings.cluster_name)
     gateway_config = render_gateway_config(collector, spec, settings.cluster_name)
     gateway_config_hash = content_hash(gateway_config.to_wire())

@@ -5,10 +5,11 @@ restart; the gateway restarts on change (its pod template carries the hash of ``
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 
 from kubemeter.api.collector import CollectorSpec
-from kubemeter.api.common import quantity_to_bytes
+from kubemeter.api.common import SecretKeyRef, quantity_to_bytes
 from kubemeter.api.rendered import (
     AGENT_CONFIG_FILENAME,
     GATEWAY_CONFIG_FILENAME,
@@ -38,6 +39,37 @@ def gateway_url(collector: CollectorRef, spec: CollectorSpec | None = None) -> s
 
 def secret_dir(secret_name: str) -> str:
     return f"{SECRETS_DIR}/{secret_name}"
+
+
+GENERATED_TOKEN_KEY = "token"
+
+
+def generated_token_secret_name(collector_name: str) -> str:
+    """The ingest token Secret the operator generates when gateway.ingestTokenSecretRef is unset."""
+    return f"{collector_name}-ingest-token"
+
+
+def with_ingest_token(collector: CollectorRef, spec: CollectorSpec) -> CollectorSpec:
+    """``spec`` with gateway.ingestTokenSecretRef filled in: ingest is always authenticated, with the
+    named Secret or, unset, the one the operator generates for this Collector."""
+    if spec.gateway.ingest_token_secret_ref is not None:
+        return spec
+    generated = SecretKeyRef(name=generated_token_secret_name(collector.name), key=GENERATED_TOKEN_KEY)
+    return spec.model_copy(
+        update={"gateway": spec.gateway.model_copy(update={"ingest_token_secret_ref": generated})}
+    )
+
+
+def get_generated_token_secret(collector: CollectorRef) -> Manifest:
+    """A random token, created once (never applied over: a resync must not change it), owned by the
+    Collector so it goes with it."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": metadata(collector, generated_token_secret_name(collector.name), "ingest-token"),
+        "type": "Opaque",
+        "stringData": {GENERATED_TOKEN_KEY: secrets.token_urlsafe(32)},
+    }
 
 
 def ingest_token_file(spec: CollectorSpec) -> str | None:

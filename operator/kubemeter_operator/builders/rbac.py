@@ -92,9 +92,10 @@ def get_agent_cluster_role_binding(collector: CollectorRef) -> Manifest:
     }
 
 
-def operator_cluster_role_rules() -> list[dict[str, Any]]:
-    """What the operator itself needs (the chart's ClusterRole). It holds the agent's permissions too,
-    because RBAC only lets a subject grant what it has (or what it may ``bind``)."""
+def operator_namespaced_rules() -> list[dict[str, Any]]:
+    """What the operator does inside the namespaces it watches (the chart's ``<release>-operator-
+    namespaced`` ClusterRole): bound by a RoleBinding in each of ``operator.watchNamespaces``, or
+    cluster-wide when that list is empty."""
     return [
         {
             "apiGroups": [API_GROUP],
@@ -107,28 +108,13 @@ def operator_cluster_role_rules() -> list[dict[str, Any]]:
             "verbs": ["get", "patch"],
         },
         {"apiGroups": [API_GROUP], "resources": ["collectors/finalizers"], "verbs": ["update"]},
-        {
-            "apiGroups": ["kopf.dev"],
-            "resources": ["clusterkopfpeerings"],
-            "verbs": ["get", "list", "watch", "patch"],
-        },
-        {
-            "apiGroups": ["apiextensions.k8s.io"],
-            "resources": ["customresourcedefinitions"],
-            "verbs": ["get", "list", "watch"],
-        },
         {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
         {
             "apiGroups": [""],
             "resources": ["serviceaccounts", "configmaps", "services"],
             "verbs": ["get", "create", "patch", "delete"],
         },
-        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
-        {"apiGroups": [""], "resources": ["pods", "namespaces"], "verbs": ["list", "watch"]},
-        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]},
-        {"apiGroups": [""], "resources": ["nodes/stats"], "verbs": ["get"]},
-        {"apiGroups": ["resource.k8s.io"], "resources": ["resourceslices"], "verbs": ["list", "watch"]},
-        {"apiGroups": ["resource.k8s.io"], "resources": ["resourceclaims"], "verbs": ["get"]},
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "create"]},
         {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["get", "list"]},
         {
             "apiGroups": ["apps"],
@@ -140,20 +126,46 @@ def operator_cluster_role_rules() -> list[dict[str, Any]]:
             "resources": ["poddisruptionbudgets"],
             "verbs": ["get", "create", "patch", "delete"],
         },
+    ]
+
+
+def operator_cluster_scoped_rules() -> list[dict[str, Any]]:
+    """What the operator needs across the cluster in any mode (the chart's ``<release>-operator``
+    ClusterRole): peering, CRD discovery, the shared agent ClusterRole and each Collector's binding
+    to it. It holds the agent's permissions too, because RBAC lets a subject write a role only with
+    rights it has."""
+    return [
+        {
+            "apiGroups": ["kopf.dev"],
+            "resources": ["clusterkopfpeerings"],
+            "verbs": ["get", "list", "watch", "patch"],
+        },
+        {
+            "apiGroups": ["apiextensions.k8s.io"],
+            "resources": ["customresourcedefinitions"],
+            "verbs": ["get", "list", "watch"],
+        },
+        {"apiGroups": [""], "resources": ["pods", "namespaces"], "verbs": ["list", "watch"]},
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]},
+        {"apiGroups": [""], "resources": ["nodes/stats"], "verbs": ["get"]},
+        {"apiGroups": ["resource.k8s.io"], "resources": ["resourceslices"], "verbs": ["list", "watch"]},
+        {"apiGroups": ["resource.k8s.io"], "resources": ["resourceclaims"], "verbs": ["get"]},
         {
             "apiGroups": ["rbac.authorization.k8s.io"],
             "resources": ["clusterrolebindings"],
             "verbs": ["get", "create", "patch", "delete"],
         },
-        {
-            "apiGroups": ["rbac.authorization.k8s.io"],
-            "resources": ["clusterroles"],
-            "verbs": ["get", "create", "patch"],
-        },
+        # kubemeter-agent only, by name; create cannot be named (the escalation check bounds it).
         {
             "apiGroups": ["rbac.authorization.k8s.io"],
             "resources": ["clusterroles"],
             "resourceNames": [AGENT_CLUSTER_ROLE],
-            "verbs": ["bind"],
+            "verbs": ["get", "patch", "bind"],
         },
+        {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["clusterroles"], "verbs": ["create"]},
     ]
+
+
+def operator_cluster_role_rules() -> list[dict[str, Any]]:
+    """Everything the operator may do when it watches every namespace."""
+    return operator_cluster_scoped_rules() + operator_namespaced_rules()

@@ -21,6 +21,7 @@ cluster-wide or not at all; ``get nodes`` cannot be limited to the agent's own N
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import socket
@@ -40,9 +41,10 @@ import pytest
 import yaml
 from kubemeter.api.collector import CollectorSpec
 from kubemeter.api.meter import MeterSpec
-from kubemeter.api.rendered import AgentConfig, GatewayConfig, ResolvedMeter
+from kubemeter.api.rendered import SECRETS_DIR, AgentConfig, GatewayConfig, ResolvedMeter
 from kubemeter_operator.builders import build_children
 from kubemeter_operator.builders.common import FIELD_MANAGER, CollectorRef
+from kubemeter_operator.builders.configmap import get_generated_token_secret
 from kubemeter_operator.builders.rbac import agent_cluster_role_rules, get_agent_cluster_role
 from kubemeter_operator.settings import OperatorSettings
 
@@ -409,6 +411,34 @@ def mint_token(cluster: ControlPlane, namespace: str, service_account: str, path
     return token, path
 
 
+def mount_generated_token(cluster: ControlPlane, namespace: str, directory: Path) -> Path:
+    """The operator's generated ingest token Secret, created as the operator creates it, then read
+    back from the API server into a file, as the kubelet mounts it."""
+    ref = CollectorRef(namespace=namespace, name=COLLECTOR, uid=str(uuid.uuid4()))
+    secret = get_generated_token_secret(ref)
+    secret["metadata"].pop("ownerReferences")  # no Collector here: the garbage collector would take it
+    cluster.kubectl("create", "-f", "-", input=json.dumps(secret))
+    stored = cluster.get_json("secret", secret["metadata"]["name"], "-n", namespace)
+    path = directory / "token"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(base64.b64decode(stored["data"]["token"]))
+    return path
+
+
+def ingest_status(gateway_url: str, token: str | None) -> int:
+    headers = {"Content-Type": "application/cloudevents-batch+json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(
+        f"{gateway_url}/api/v1/events", data=b"[]", headers=headers, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
+
+
 def rules_review(cluster: ControlPlane, token: str, namespace: str) -> set[tuple[str, str, str, str]]:
     """What the token may do in ``namespace`` (its cluster-wide rules included), by the API server."""
     request = urllib.request.Request(
@@ -513,8 +543,16 @@ def test_agent_and_gateway_meter_a_pod_on_their_rendered_serviceaccount_tokens(
 
         gateway_port = free_port()
         rendered_gateway = GatewayConfig.from_yaml(config_map["gateway.yaml"])
+        # Authenticated ingest by default: the operator's generated token Secret, created in the API
+        # server as the operator creates it, and mounted (the kubelet's part) where both configs say.
+        assert rendered_gateway.ingest_token_file == f"{SECRETS_DIR}/{COLLECTOR}-ingest-token/token"
+        token_file = mount_generated_token(cluster, namespace, tmp_path / "secrets")
         gateway_config = rendered_gateway.model_copy(
-            update={"data_dir": str(tmp_path / "gateway"), "listen_address": f"127.0.0.1:{gateway_port}"}
+            update={
+                "data_dir": str(tmp_path / "gateway"),
+                "listen_address": f"127.0.0.1:{gateway_port}",
+                "ingest_token_file": str(token_file),
+            }
         )
         assert gateway_config.output.url == sink_url
         (tmp_path / "gateway.yaml").write_text(gateway_config.to_yaml())
@@ -536,11 +574,15 @@ def test_agent_and_gateway_meter_a_pod_on_their_rendered_serviceaccount_tokens(
         )
         gateway_url = f"http://127.0.0.1:{gateway_port}"
         wait_for(lambda: http_get(f"{gateway_url}/readyz") is not None, timeout_s=30, what="the gateway")
+        assert ingest_status(gateway_url, None) == 401, "ingest must refuse a request without the token"
+        assert ingest_status(gateway_url, "not-the-token") == 401
 
         rendered_agent = AgentConfig.from_yaml(config_map["agent.yaml"])
         assert rendered_agent.kubelet_url is None, "the agent must find its kubelet from its Node"
+        assert rendered_agent.ingest_token_file == rendered_gateway.ingest_token_file
         agent_config = rendered_agent.model_copy(
             update={
+                "ingest_token_file": str(token_file),
                 "gateway_url": gateway_url,
                 "spool_dir": str(tmp_path / "agent" / "spool"),
                 "checkpoint_dir": str(tmp_path / "agent" / "checkpoints"),

@@ -53,7 +53,7 @@ OPERATOR_USES: list[Access] = [
     *each("get list watch", "customresourcedefinitions.apiextensions.k8s.io"),
     *each("create patch", "events", "events.events.k8s.io"),
     *each("get create patch delete", "serviceaccounts", "configmaps", "services"),
-    Access("get", "secrets"),
+    *each("get create", "secrets"),
     *each("list watch", "pods", "namespaces"),
     Access("get", "nodes"),
     Access("get", "nodes", "stats"),
@@ -61,13 +61,16 @@ OPERATOR_USES: list[Access] = [
     *each("get list watch create patch delete", "daemonsets.apps", "statefulsets.apps"),
     *each("get create patch delete", "poddisruptionbudgets.policy"),
     *each("get create patch delete", "clusterrolebindings.rbac.authorization.k8s.io"),
-    *each("get create patch", "clusterroles.rbac.authorization.k8s.io"),
-    Access("bind", "clusterroles.rbac.authorization.k8s.io", name="kubemeter-agent"),
+    *[
+        Access(verb, "clusterroles.rbac.authorization.k8s.io", name="kubemeter-agent")
+        for verb in ("get", "patch", "bind")
+    ],
+    Access("create", "clusterroles.rbac.authorization.k8s.io"),
 ]
 
 # What it must not do, though a careless ClusterRole would allow it.
 OPERATOR_MUST_NOT: list[Access] = [
-    *each("list watch create delete", "secrets"),
+    *each("list watch update patch delete", "secrets"),
     *each("delete patch", "nodes"),
     *each("get create delete", "pods"),
     Access("create", "pods", "exec"),
@@ -78,6 +81,7 @@ OPERATOR_MUST_NOT: list[Access] = [
     *each("create delete", "customresourcedefinitions.apiextensions.k8s.io"),
     *each("create delete", *CRS),
     *each("delete escalate", "clusterroles.rbac.authorization.k8s.io"),
+    *[Access(verb, "clusterroles.rbac.authorization.k8s.io", name="admin") for verb in ("get", "patch")],
     Access("bind", "clusterroles.rbac.authorization.k8s.io", name="cluster-admin"),
     Access("impersonate", "users"),
     Access("create", "deployments.apps"),
@@ -88,8 +92,9 @@ OPERATOR_MUST_NOT: list[Access] = [
 class TokenOperator:
     """``kubemeter operator`` (peering on) authenticated only by the chart ServiceAccount's token."""
 
-    def __init__(self, kubeconfig: Path, log_path: Path) -> None:
+    def __init__(self, kubeconfig: Path, log_path: Path, namespaces: list[str]) -> None:
         self.kubeconfig = kubeconfig
+        self.namespaces = namespaces  # as the chart's operator.watchNamespaces passes them
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -103,6 +108,7 @@ class TokenOperator:
         }
         argv = [sys.executable, "-m", "kubemeter_cli", "operator", "--metrics-port", "0"]
         argv += ["--liveness-port", str(free_port()), "--priority", "100"]
+        argv += [f"--namespace={namespace}" for namespace in self.namespaces]
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 argv, env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT
@@ -126,12 +132,30 @@ def get(cluster: ControlPlane, *args: str) -> Any:
     return json.loads(result.stdout) if result.returncode == 0 else None
 
 
+# Held cluster-wide in every mode; everything else only in the watched namespaces.
+CLUSTER_WIDE = {
+    "pods",
+    "namespaces",
+    "clusterkopfpeerings.kopf.dev",
+    "customresourcedefinitions.apiextensions.k8s.io",
+}
+# What it must not do in a namespace it does not watch (operator.watchNamespaces).
+OUTSIDE_MUST_NOT: list[Access] = [
+    Access("get", "secrets"),
+    Access("create", "secrets"),
+    *each("create patch", "daemonsets.apps", "statefulsets.apps", "configmaps", "serviceaccounts"),
+    *each("list watch patch", *CRS),
+    Access("create", "events"),
+]
+
+
 def can_i(cluster: ControlPlane, kubeconfig: Path, access: Access, namespace: str) -> bool:
     resource = f"{access.resource}/{access.name}" if access.name else access.resource
     args = ["auth", "can-i", access.verb, resource]
     if access.subresource:
         args.append(f"--subresource={access.subresource}")
-    args += ["--all-namespaces"] if access.verb in {"list", "watch"} else ["-n", namespace]
+    wide = access.verb in {"list", "watch"} and access.resource in CLUSTER_WIDE
+    args += ["--all-namespaces"] if wide else ["-n", namespace]
     result = cluster.kubectl(*args, kubeconfig=kubeconfig, check=False)
     return result.stdout.strip() == "yes"
 
@@ -169,6 +193,8 @@ def test_install_run_the_operator_on_its_own_token_and_uninstall(
         *("--set", "operator.replicas=2", "--set", "collector.enabled=true"),
         *("--set", "collector.spec.buffer.size=1Gi", "--set", "collector.spec.gateway.replicas=1"),
         *("--set", "networkPolicy.enabled=true"),
+        # the narrowed mode: namespaced rights by a RoleBinding in the release namespace only
+        *("--set", f"operator.watchNamespaces={{{namespace}}}"),
     ]
     installed = helm(
         "install",
@@ -201,6 +227,9 @@ def test_install_run_the_operator_on_its_own_token_and_uninstall(
     assert refused == [], f"the chart's ServiceAccount may not {refused}"
     allowed = [a for a in OPERATOR_MUST_NOT if can_i(cluster, kubeconfig, a, namespace)]
     assert allowed == [], f"the chart's ServiceAccount may {allowed}, which the operator never needs"
+    elsewhere = [a for a in OUTSIDE_MUST_NOT if can_i(cluster, kubeconfig, a, "default")]
+    assert elsewhere == [], f"outside its watched namespace the chart's ServiceAccount may {elsewhere}"
+    assert allowed == [], f"the chart's ServiceAccount may {allowed}, which the operator never needs"
     # RBAC's escalation check: it may bind kubemeter-agent, not hand out cluster-admin.
     escalation = cluster.kubectl(
         "create",
@@ -213,7 +242,7 @@ def test_install_run_the_operator_on_its_own_token_and_uninstall(
     )
     assert escalation.returncode != 0 and "forbidden" in escalation.stderr
 
-    operator = TokenOperator(kubeconfig, tmp_path / "operator.log")
+    operator = TokenOperator(kubeconfig, tmp_path / "operator.log", [namespace])
     operator.start()
     try:
 
@@ -233,6 +262,8 @@ def test_install_run_the_operator_on_its_own_token_and_uninstall(
                         ("configmap", f"{COLLECTOR}-config"),
                         ("poddisruptionbudget", f"{COLLECTOR}-gateway"),
                         ("serviceaccount", f"{COLLECTOR}-agent"),
+                        # authenticated ingest by default: the token Secret, created with the chart token
+                        ("secret", f"{COLLECTOR}-ingest-token"),
                     )
                 )
                 and get(cluster, "clusterrolebinding", f"kubemeter-agent-{namespace}-{COLLECTOR}") is not None
@@ -252,8 +283,12 @@ def test_install_run_the_operator_on_its_own_token_and_uninstall(
             )
         except TimeoutError as error:
             raise AssertionError(f"{error}\noperator log:\n{operator.log_tail()}") from None
-        peering = get(cluster, "clusterkopfpeering", "kubemeter")
-        assert peering is not None and (peering.get("status") or {}), "the operator did not join the peering"
+        # kopf writes its peering status on its own schedule, after the first reconciles.
+        wait_for(
+            lambda: (get(cluster, "clusterkopfpeering", "kubemeter") or {}).get("status"),
+            timeout_s=60,
+            what="the operator to join the peering (ClusterKopfPeering status)",
+        )
         log = operator.log_tail()
         assert "403" not in log and "Forbidden" not in log, log
     finally:

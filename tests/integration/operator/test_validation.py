@@ -18,6 +18,14 @@ METER: dict[str, Any] = {
 }
 OUTPUT: dict[str, Any] = {"type": "openmeter", "url": "http://openmeter:8888"}
 PROMETHEUS: dict[str, Any] = {"url": "https://prometheus:9090", "query": "DCGM_FI_DEV_FB_USED"}
+TEN = "[0,1,2,3,4,5,6,7,8,9]"
+# Issue #14's CEL attack (190 characters, minutes in celpy): refused before any agent sees it.
+CEL_ATTACK = (
+    f"{TEN}.map(a,{TEN}.map(b,{TEN}.map(c,{TEN}.map(d,{TEN}.all(e,"
+    "a+b+c+d+e>=0 && pod.metadata.name != 'attack')))))"
+)
+EVENT_ATTACK = CEL_ATTACK.replace("pod", "event")
+CEL_COST = "more than 2 comprehensions (all, exists, exists_one, map, filter)"
 
 
 def resource(kind: str, spec: dict[str, Any], name: str = "x") -> dict[str, Any]:
@@ -325,6 +333,56 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
             },
         ),
         "output.url is required for the HTTP outputs and does not apply to type kafka",
+    ),
+    (
+        "meter-subject-cel-over-the-cost-limit",
+        resource("Meter", with_(METER, subject={"expression": CEL_ATTACK})),
+        f'spec.subject.expression: Invalid value: "{CEL_ATTACK}": {CEL_COST}',
+    ),
+    (
+        "meter-dimension-cel-over-the-cost-limit",
+        resource("Meter", with_(METER, dimensions={"team": CEL_ATTACK})),
+        f'spec.dimensions[team]: Invalid value: "{CEL_ATTACK}": {CEL_COST}',
+    ),
+    (
+        "pipeline-filter-cel-over-the-cost-limit",
+        resource(
+            "Pipeline",
+            {
+                "collectorRef": "c",
+                "meters": ["a"],
+                "processors": [{"filter": EVENT_ATTACK}],
+            },
+        ),
+        f'spec.processors[0].filter: Invalid value: "{EVENT_ATTACK}": {CEL_COST}',
+    ),
+    (
+        "collector-lago-cel-over-the-cost-limit",
+        resource(
+            "Collector",
+            {
+                "output": {
+                    "type": "lago",
+                    "url": "https://lago/api/v1",
+                    "credentialsSecretRef": {"name": "lago", "key": "key"},
+                    "lago": {"subscriptionIdExpression": EVENT_ATTACK},
+                }
+            },
+        ),
+        f'spec.output.lago.subscriptionIdExpression: Invalid value: "{EVENT_ATTACK}": {CEL_COST}',
+    ),
+    (
+        "collector-kafka-topic-cel-over-the-cost-limit",
+        resource(
+            "Collector",
+            {
+                "output": {
+                    "type": "kafka",
+                    "kafka": {"bootstrapServers": ["k:9092"], "topicExpression": EVENT_ATTACK},
+                }
+            },
+        ),
+        f'spec.output.kafka.topicExpression: Invalid value: "{EVENT_ATTACK}": {CEL_COST}',
     ),
     (
         "pipeline-bad-collector-name",

