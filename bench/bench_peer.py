@@ -185,8 +185,9 @@ def stored_events(sink_url: str) -> int:
 
 
 def stored_ids(sink_url: str, source: str) -> set[str]:
+    # 10^6 is the most the sink returns at once (kubemeter.sink.app.MAX_EVENTS_LIMIT).
     response = httpx.get(
-        f"{sink_url}/api/v1/usage/events", params={"api": "openmeter", "limit": "10000000"}, timeout=120
+        f"{sink_url}/api/v1/usage/events", params={"api": "openmeter", "limit": "1000000"}, timeout=120
     )
     return {e["eventId"] for e in response.json()["events"] if e["source"] == source}
 

@@ -160,6 +160,56 @@ def can_i(cluster: ControlPlane, kubeconfig: Path, access: Access, namespace: st
     return result.stdout.strip() == "yes"
 
 
+def assert_the_operator_scope_policy_holds(cluster: ControlPlane, kubeconfig: Path, namespace: str) -> None:
+    """What RBAC cannot name, the chart's ValidatingAdmissionPolicy kubemeter-operator-scope refuses
+    to the operator's token: another binding (created or deleted), another ClusterRole, a Secret
+    that is not a generated ingest token. The operator's own writes pass (the rest of the test)."""
+    policy = "ValidatingAdmissionPolicy 'kubemeter-operator-scope'"
+    unrelated = f"unrelated-{namespace}"
+    cluster.kubectl(
+        "create",
+        "clusterrolebinding",
+        unrelated,
+        "--clusterrole=view",
+        f"--serviceaccount={namespace}:nobody",
+    )
+    attempts = {
+        "a binding of another name": (
+            ["create", "clusterrolebinding", f"other-{namespace}", "--clusterrole=kubemeter-agent"],
+            f'to the ClusterRole kubemeter-agent, not "other-{namespace}"',
+        ),
+        "deleting another binding": (
+            ["delete", "clusterrolebinding", unrelated],
+            f'not "{unrelated}"',
+        ),
+        "another ClusterRole": (
+            ["create", "clusterrole", f"other-{namespace}", "--verb=list", "--resource=pods"],
+            f'writes only the ClusterRole kubemeter-agent, not "other-{namespace}"',
+        ),
+        "a Secret of its choosing": (
+            ["create", "secret", "generic", "stolen", "-n", namespace, "--from-literal=k=v"],
+            'creates only the generated <collector>-ingest-token Secrets, not "stolen"',
+        ),
+    }
+    try:
+
+        def refused(args: list[str]) -> str | None:
+            result = cluster.kubectl(*args, kubeconfig=kubeconfig, check=False)
+            return result.stderr if result.returncode != 0 and policy in result.stderr else None
+
+        # The policy enforces once the API server has compiled it.
+        first_args, _ = attempts["a binding of another name"]
+        wait_for(lambda: refused(first_args), timeout_s=60, what="the operator-scope policy to enforce")
+        for what, (args, message) in attempts.items():
+            stderr = refused(args)
+            assert stderr is not None and message in stderr, f"{what}: {stderr}"
+        assert get(cluster, "clusterrolebinding", unrelated) is not None
+    finally:
+        cluster.kubectl("delete", "clusterrolebinding", unrelated, f"other-{namespace}", check=False)
+        cluster.kubectl("delete", "clusterrole", f"other-{namespace}", check=False)
+        cluster.kubectl("delete", "secret", "stolen", "-n", namespace, check=False)
+
+
 @pytest.fixture
 def release_namespace(cluster: ControlPlane, namespace: str) -> Iterator[str]:
     # Every pod the chart creates must pass the "restricted" Pod Security level, or it is refused.
@@ -241,6 +291,7 @@ def test_install_run_the_operator_on_its_own_token_and_uninstall(
         check=False,
     )
     assert escalation.returncode != 0 and "forbidden" in escalation.stderr
+    assert_the_operator_scope_policy_holds(cluster, kubeconfig, namespace)
 
     operator = TokenOperator(kubeconfig, tmp_path / "operator.log", [namespace])
     operator.start()

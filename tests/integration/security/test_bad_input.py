@@ -430,7 +430,7 @@ SINK_CASES: list[tuple[str, bytes, int, str]] = [
         401,
         "Invalid API key",
     ),
-    ("limit-abc", _get("/api/v1/usage/events?limit=abc"), 400, "limit must be an integer from 1 to 100000"),
+    ("limit-abc", _get("/api/v1/usage/events?limit=abc"), 400, "limit must be an integer from 1 to 1000000"),
     ("limit-zero", _get("/api/v1/usage/events?limit=0"), 400, "limit must be an integer"),
     ("limit-huge", _get("/api/v1/usage/events?limit=99999999999"), 400, "limit must be an integer"),
     ("window-nan", _get("/api/v1/usage?windowSeconds=nan"), 400, "windowSeconds is 'nan'"),
