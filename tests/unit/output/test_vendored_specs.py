@@ -12,13 +12,26 @@ from tests.support.billing_specs import SPEC_DIR, spec_validators
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
-def test_every_vendored_spec_matches_the_checksum_its_readme_records() -> None:
+def test_every_vendored_file_matches_the_checksum_its_readme_records() -> None:
     readme = (SPEC_DIR / "README.md").read_text()
     recorded = dict(re.findall(r"^\| `([^`]+)` \|.*\| `([0-9a-f]{64})` \|$", readme, re.MULTILINE))
-    on_disk = {p.name for p in SPEC_DIR.iterdir() if p.name != "README.md"}
+    on_disk = {
+        p.relative_to(SPEC_DIR).as_posix()
+        for p in SPEC_DIR.rglob("*")
+        if p.is_file() and p.name != "README.md"
+    }
     assert set(recorded) == on_disk
     for name, digest in recorded.items():
         assert hashlib.sha256((SPEC_DIR / name).read_bytes()).hexdigest() == digest, name
+
+
+def test_every_vendored_spec_ships_with_its_licence() -> None:
+    readme = (SPEC_DIR / "README.md").read_text()
+    licensed = dict(re.findall(r"^\| `(licenses/[^`]+)` \| `([^`]+)` \|", readme, re.MULTILINE))
+    specs = {p.name for p in SPEC_DIR.iterdir() if p.is_file() and p.name != "README.md"}
+    assert sorted(licensed.values()) == sorted(specs)
+    for licence in licensed:
+        assert "License" in (SPEC_DIR / licence).read_text()[:2000], licence
 
 
 def test_the_specs_load_from_inside_the_repository() -> None:
