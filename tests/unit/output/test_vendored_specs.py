@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import subprocess
 from pathlib import Path
 
 from tests.support.billing_specs import SPEC_DIR, spec_validators
@@ -39,3 +40,19 @@ def test_the_specs_load_from_inside_the_repository() -> None:
     validators = spec_validators()
     assert validators.openmeter_batch.problems([{"specversion": "1.0"}])
     assert validators.lago_batch.problems({"events": "not a list"})
+
+
+def test_no_file_of_the_repository_reads_a_shared_folder_beside_the_clone() -> None:
+    # A fresh clone has nothing beside it: what the tests need is vendored (above).
+    outside = re.compile(rb"\.\./" + rb"shared\b|" + rb"shared/" + rb"reference")
+    tracked = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=REPO_ROOT, capture_output=True, check=True
+    ).stdout.split(b"\0")
+    readers = [
+        name.decode()
+        for name in tracked
+        if name
+        and (REPO_ROOT / name.decode()).is_file()
+        and outside.search((REPO_ROOT / name.decode()).read_bytes())
+    ]
+    assert readers == []
