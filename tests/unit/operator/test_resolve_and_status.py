@@ -305,3 +305,52 @@ def test_a_meter_naming_a_collectors_secret_is_refused_and_nothing_is_mounted() 
         "only the Meter's own Secret is mounted"
     )
     assert [m.name for m in result.collector_meters["c"]] == ["own"]
+
+
+def test_a_meter_naming_a_kafka_collectors_credentials_is_refused_and_nothing_is_mounted() -> None:
+    # The SASL password and the client certificate's private key are the Kafka output's billing key.
+    kafka = view(
+        "Collector",
+        "c",
+        {
+            "output": {
+                "type": "kafka",
+                "kafka": {
+                    "bootstrapServers": ["kafka:9093"],
+                    "topic": "usage",
+                    "tls": {
+                        "caSecretRef": {"name": "kafka-ca", "key": "ca.crt"},
+                        "clientCertificateSecretRef": {"name": "kafka-client"},
+                    },
+                    "sasl": {"secretRef": {"name": "kafka-sasl"}},
+                },
+            }
+        },
+    )
+    source = {"url": "https://attacker.example", "query": "up"}
+    meters = [
+        meter("password", source={"prometheus": {**source, "basicAuthSecretRef": {"name": "kafka-sasl"}}}),
+        meter(
+            "private-key",
+            source={
+                "prometheus": {**source, "bearerTokenSecretRef": {"name": "kafka-client", "key": "tls.key"}}
+            },
+        ),
+        meter(
+            "ca",
+            source={"prometheus": {**source, "bearerTokenSecretRef": {"name": "kafka-ca", "key": "ca.crt"}}},
+        ),
+    ]
+    every_key = frozenset({"username", "password", "tls.crt", "tls.key", "ca.crt", "token"})
+    secrets = {name: every_key for name in ("kafka-sasl", "kafka-client", "kafka-ca", "c-ingest-token")}
+    result = resolve_namespace([kafka], [pipeline("p", meters=[m.name for m in meters])], meters, secrets)
+    for name, secret, holder in (
+        ("password", "kafka-sasl", "Kafka SASL credentials"),
+        ("private-key", "kafka-client", "Kafka client certificate"),
+        ("ca", "kafka-ca", "Kafka CA bundle"),
+    ):
+        (problem,) = result.meter_problems[name]
+        assert problem.reason == "ForbiddenSecret"
+        assert f'names Secret "{secret}", which holds Collector "c"\'s {holder}' in problem.message
+    assert result.collector_secret_names == {"c": []}
+    assert result.collector_meters["c"] == []
