@@ -3,6 +3,9 @@
 sqlite3 blocks, so it is wrapped once here: coroutines submit operations, the worker thread runs
 every operation that is waiting in ONE transaction and commits once, so a single fsync covers all
 concurrent writers. Each caller's future resolves only after that commit.
+
+If the thread dies (a bug, an error outside any operation), every waiting caller and every later
+one gets :class:`SqliteWorkerDied` instead of a future that never resolves.
 """
 
 from __future__ import annotations
@@ -53,6 +56,10 @@ def open_connection(
     return connection
 
 
+class SqliteWorkerDied(RuntimeError):
+    """The worker thread stopped on an unexpected error; nothing submitted to it will run."""
+
+
 class RunAlone(Exception):
     """Raised by a write operation that needs a transaction of its own (e.g. to count exactly what
     it stored): the group is rolled back and every operation of it runs again, each alone."""
@@ -93,12 +100,15 @@ class SqliteWorker:
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._closed = False
+        self._died: BaseException | None = None
+        self._in_flight: list[_Job] = []  # the group being run, failed together if the thread dies
+        self._submit_lock = threading.Lock()  # a job is queued before death is declared, or refused
         self.commits_total = 0  # transactions committed; one fsync each with synchronous=FULL
         self._thread.start()
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and not self._closed
+        return self._thread.is_alive() and not self._closed and self._died is None
 
     async def write(self, operation: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``operation`` inside a group transaction; returns after the commit."""
@@ -113,7 +123,10 @@ class SqliteWorker:
             raise RuntimeError("the SQLite worker is closed; open the queue again")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._jobs.put(_Job(operation, future, loop, write))
+        with self._submit_lock:
+            if self._died is not None:
+                raise SqliteWorkerDied(f"the SQLite worker thread died: {self._died!r}") from self._died
+            self._jobs.put(_Job(operation, future, loop, write))
         return await future
 
     def close(self) -> None:
@@ -126,6 +139,25 @@ class SqliteWorker:
         self._connection.close()
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as error:
+            log.exception("SQLite worker %s died; failing its callers", self._thread.name)
+            with self._submit_lock:
+                self._died = error
+            died = SqliteWorkerDied(f"the SQLite worker thread died: {error!r}")
+            died.__cause__ = error
+            for job in self._in_flight:
+                self._call_soon(job, None, died)
+            while True:
+                try:
+                    queued = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if queued is not None:
+                    self._call_soon(queued, None, died)
+
+    def _serve(self) -> None:
         stopping = False
         idle_due_s = 0.0
         while not stopping:
@@ -150,7 +182,9 @@ class SqliteWorker:
                     stopping = True
                     continue
                 group.append(job)
+            self._in_flight = group
             self._run_group(group)
+            self._in_flight = []
             # Between groups only when due: under load its statements would delay every commit.
             if time.monotonic() >= idle_due_s or stopping:
                 self._run_idle()
