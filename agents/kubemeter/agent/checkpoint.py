@@ -3,6 +3,12 @@
 A window's events are written to the output first; only after ``write`` returns is the cursor moved,
 in one transaction with the per-pod rows and the source's state. A crash between the two re-emits the
 same window with the same ids and values, which the billing API drops; nothing is lost.
+
+The pod watch's state is saved here too, every second: the pods that changed since the last save and
+the watch's resume point (its resourceVersion), in one transaction, so after a restart the watch
+resumes exactly where the saved pods were. Writes go through one worker thread
+(:class:`SqliteWorker`): the event loop never waits on an fsync, and writes that meet (windows of
+several meters, the pod save) share one transaction.
 """
 
 from __future__ import annotations
@@ -10,9 +16,11 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kubemeter.output.sqlite_worker import SqliteWorker, open_connection
 from kubemeter.sources.informer import CachedObject
 
 CHECKPOINT_FILENAME = "checkpoints.sqlite"
@@ -38,7 +46,25 @@ CREATE TABLE IF NOT EXISTS pods (     -- last known state of every pod still to 
     deletion_requested_ms INTEGER    -- the earliest deletion request seen (re-stamped by later deletes)
 );
 CREATE TABLE IF NOT EXISTS agent (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS resume_points (  -- where each watch resumes; saved with its objects
+    watch TEXT PRIMARY KEY,
+    resource_version TEXT NOT NULL   -- opaque, as the API server gave it
+);
 """
+
+
+@dataclass(frozen=True)
+class WatchSave:
+    """What changed in a watch cache since the last save, taken on the event loop in one go."""
+
+    rows: list[tuple[str, dict[str, Any], str, int | None, int, int | None]]
+    resource_version: str | None
+    heartbeat_ms: int | None
+
+
+def _version(cached: CachedObject) -> str:
+    resource_version = cached.object.get("metadata", {}).get("resourceVersion")
+    return f"{resource_version}/{cached.deleted_at_ms}/{cached.deletion_requested_ms}/{int(cached.vanished)}"
 
 
 class CheckpointStore:
@@ -54,8 +80,11 @@ class CheckpointStore:
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(pods)")}
         if "deletion_requested_ms" not in columns:  # a checkpoint written by an older agent
             self.db.execute("ALTER TABLE pods ADD COLUMN deletion_requested_ms INTEGER")
+        # Reads (at start) and a new meter's first row use self.db; every other write the worker.
+        self._writer = SqliteWorker(open_connection(self.path), name="checkpoint")
 
     def close(self) -> None:
+        self._writer.close()
         self.db.close()
 
     # ---- meters ---------------------------------------------------------------------------------
@@ -68,20 +97,24 @@ class CheckpointStore:
     def start_meter(self, meter: str, cursor_ms: int) -> None:
         self.db.execute("INSERT OR IGNORE INTO meters (meter, cursor_ms) VALUES (?, ?)", (meter, cursor_ms))
 
-    def commit_window(
+    async def commit_window(
         self, meter: str, window_end_ms: int, pod_uids: Iterable[str], source_state: Mapping[str, Any]
     ) -> None:
-        with self.db:
-            self.db.execute("BEGIN IMMEDIATE")
-            self.db.execute(
+        state = json.dumps(source_state, separators=(",", ":"))
+        rows = [(meter, uid, window_end_ms) for uid in pod_uids]
+
+        def commit(db: sqlite3.Connection) -> None:
+            db.execute(
                 "UPDATE meters SET cursor_ms = ?, source_state = ? WHERE meter = ?",
-                (window_end_ms, json.dumps(source_state, separators=(",", ":")), meter),
+                (window_end_ms, state, meter),
             )
-            self.db.executemany(
+            db.executemany(
                 "INSERT INTO meter_pods (meter, pod_uid, emitted_through_ms) VALUES (?, ?, ?) "
                 "ON CONFLICT (meter, pod_uid) DO UPDATE SET emitted_through_ms = excluded.emitted_through_ms",
-                [(meter, uid, window_end_ms) for uid in pod_uids],
+                rows,
             )
+
+        await self._writer.write(commit)
 
     def emitted_through_ms(self, meter: str, pod_uid: str) -> int | None:
         row = self.db.execute(
@@ -89,52 +122,73 @@ class CheckpointStore:
         ).fetchone()
         return None if row is None else int(row[0])
 
-    # ---- pods -----------------------------------------------------------------------------------
-    def save_pods(self, pods: Mapping[str, CachedObject], saved_versions: dict[str, str]) -> None:
-        """Persist pods whose object changed since the last save (``saved_versions`` is updated)."""
+    # ---- the pod watch ---------------------------------------------------------------------------
+    @staticmethod
+    def changed_pods(
+        pods: Mapping[str, CachedObject],
+        saved_versions: Mapping[str, str],
+        resource_version: str | None,
+        heartbeat_ms: int | None,
+    ) -> WatchSave:
+        """What to save: the pods whose state changed since the last save, with the resume point."""
         rows = []
         for uid, cached in pods.items():
-            resource_version = cached.object.get("metadata", {}).get("resourceVersion")
-            version = f"{resource_version}/{cached.deleted_at_ms}/{cached.deletion_requested_ms}"
+            version = _version(cached)
             if saved_versions.get(uid) != version:
-                rows.append(
-                    (
-                        uid,
-                        json.dumps(cached.object),
-                        version,
-                        cached.deleted_at_ms,
-                        int(cached.vanished),
-                        cached.deletion_requested_ms,
-                    )
+                row = (uid, cached.object, version, cached.deleted_at_ms, int(cached.vanished))
+                rows.append((*row, cached.deletion_requested_ms))
+        return WatchSave(rows, resource_version, heartbeat_ms)
+
+    async def save_watch(self, save: WatchSave, saved_versions: dict[str, str], watch: str = "pods") -> None:
+        """Persist ``save`` in one transaction (off the event loop); then ``saved_versions`` says so."""
+
+        def write(db: sqlite3.Connection) -> None:
+            db.executemany(
+                "INSERT OR REPLACE INTO pods "
+                "(uid, object, resource_version, deleted_at_ms, vanished, deletion_requested_ms) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [(uid, json.dumps(obj), *rest) for uid, obj, *rest in save.rows],
+            )
+            if save.resource_version is not None:
+                db.execute(
+                    "INSERT OR REPLACE INTO resume_points (watch, resource_version) VALUES (?, ?)",
+                    (watch, save.resource_version),
                 )
-                saved_versions[uid] = version
-        if rows:
-            with self.db:
-                self.db.executemany(
-                    "INSERT OR REPLACE INTO pods "
-                    "(uid, object, resource_version, deleted_at_ms, vanished, deletion_requested_ms) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    rows,
+            if save.heartbeat_ms is not None:
+                db.execute(
+                    "INSERT OR REPLACE INTO agent (key, value) VALUES ('heartbeat_ms', ?)",
+                    (save.heartbeat_ms,),
                 )
 
-    def load_pods(self) -> dict[str, CachedObject]:
-        return {
+        await self._writer.write(write)
+        for uid, _obj, version, *_rest in save.rows:
+            saved_versions[uid] = version
+
+    def resume_point(self, watch: str = "pods") -> str | None:
+        query = "SELECT resource_version FROM resume_points WHERE watch = ?"
+        row = self.db.execute(query, (watch,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def load_pods(self) -> tuple[dict[str, CachedObject], dict[str, str]]:
+        """The saved pods, and their saved versions (so they are not saved again unchanged)."""
+        pods = {
             uid: CachedObject(json.loads(obj), deleted_at_ms, bool(vanished), requested_ms)
             for uid, obj, deleted_at_ms, vanished, requested_ms in self.db.execute(
                 "SELECT uid, object, deleted_at_ms, vanished, deletion_requested_ms FROM pods"
             )
         }
+        return pods, {uid: _version(cached) for uid, cached in pods.items()}
 
-    def forget_pods(self, uids: Iterable[str]) -> None:
+    async def forget_pods(self, uids: Iterable[str]) -> None:
         keys = [(uid,) for uid in uids]
-        with self.db:
-            self.db.executemany("DELETE FROM pods WHERE uid = ?", keys)
-            self.db.executemany("DELETE FROM meter_pods WHERE pod_uid = ?", keys)
+
+        def forget(db: sqlite3.Connection) -> None:
+            db.executemany("DELETE FROM pods WHERE uid = ?", keys)
+            db.executemany("DELETE FROM meter_pods WHERE pod_uid = ?", keys)
+
+        await self._writer.write(forget)
 
     # ---- liveness -------------------------------------------------------------------------------
-    def heartbeat(self, moment_ms: int) -> None:
-        self.db.execute("INSERT OR REPLACE INTO agent (key, value) VALUES ('heartbeat_ms', ?)", (moment_ms,))
-
     def last_heartbeat_ms(self) -> int | None:
         row = self.db.execute("SELECT value FROM agent WHERE key = 'heartbeat_ms'").fetchone()
         return None if row is None else int(row[0])

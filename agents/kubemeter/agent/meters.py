@@ -167,7 +167,7 @@ class MeterRunner:
         if self.cursor_ms + self.window_ms <= settled_ms:
             # A window is due: first make the pod cache provably current through it (one shared LIST).
             await self.world.pods.catch_up(settled_ms)
-            self.telemetry.pod_barrier(self.world.pods.barriers, self.world.pods.missed_by_barrier)
+            self.telemetry.pod_watch(self.world.pods)
         horizon_ms = self.horizon_ms(moment_ms)
         for window in windows_between(self.cursor_ms, horizon_ms, self.window_ms):
             await self.close_window(window)
@@ -202,7 +202,7 @@ class MeterRunner:
         ]
         if events:
             await self.output.write(events)  # returns only once they are on disk
-        self.store.commit_window(
+        await self.store.commit_window(
             self.key,
             window.end_ms,
             {r.pod_uid for r in readings if r.pod_uid in pods},

@@ -106,9 +106,12 @@ class Agent:
             namespaces = Informer(
                 api, "/api/v1/namespaces", {}, name_key, "namespaces", on_error=self.telemetry.source_error
             )
-            # Pods known before a restart; the relist tells which vanished while the agent was down.
-            pods.objects.update(self.store.load_pods())
+            # Pods known before a restart and the watch's resume point: the watch goes on from there
+            # and delivers the final state of what ended while the agent was down (a relist only if
+            # the API server no longer has that point).
+            saved_pods, self.saved_pod_versions = self.store.load_pods()
             pods.healthy_through_ms = self.store.last_heartbeat_ms() or 0
+            pods.resume_from(self.store.resume_point(), saved_pods)
             self.world = World(self.config.cluster, self.node_name, pods, namespaces, api)
             self.api, self.credentials = api, credentials
             self.kubelet = KubeletPoller(
@@ -304,14 +307,20 @@ class Agent:
     async def _housekeeping(self) -> None:
         while True:
             pods = self.world.pods
-            self.store.save_pods(pods.objects, self.saved_pod_versions)
-            if pods.healthy:
-                self.store.heartbeat(pods.healthy_through_ms)
-            self._forget_finished_pods()
+            # Taken in one go on the loop (the pods and the resume point agree); written off it.
+            save = self.store.changed_pods(
+                pods.objects,
+                self.saved_pod_versions,
+                pods.resource_version,
+                pods.healthy_through_ms if pods.healthy else None,
+            )
+            await self.store.save_watch(save, self.saved_pod_versions)
+            await self._forget_finished_pods()
+            self.telemetry.pod_watch(pods)
             self.telemetry.source_faults(self.source_faults(), [r.name for r, _ in self.runners.values()])
             await asyncio.sleep(1.0)
 
-    def _forget_finished_pods(self) -> None:
+    async def _forget_finished_pods(self) -> None:
         """Drop pods that are gone and whose every window has been emitted by every meter."""
         if not self.runners:
             return
@@ -327,7 +336,7 @@ class Agent:
             self.world.pods.forget(uid)
             self.saved_pod_versions.pop(uid, None)
         if done:
-            self.store.forget_pods(done)
+            await self.store.forget_pods(done)
 
     def source_faults(self) -> dict[str, str]:
         """Meter name -> why its source is behind right now, for the meters whose source is."""

@@ -6,6 +6,8 @@ from collections.abc import Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from kubemeter.sources.informer import Informer
+
 
 class Telemetry:
     def __init__(self) -> None:
@@ -49,23 +51,40 @@ class Telemetry:
         )
         self.pod_list_barriers = Counter(
             "kubemeter_agent_pod_list_barriers",
-            "Consistent pod LISTs that proved the pod cache current before windows closed.",
+            "Barriers (a consistent pod LIST, then a bookmark after it) that proved the pod cache "
+            "current before windows closed.",
             registry=self.registry,
         )
         self.pods_missed_by_barrier = Counter(
             "kubemeter_agent_pods_missed_by_barrier",
-            "Pod events that arrived after a barrier that should have seen them (pod lived and ended "
-            "entirely while the watch lagged).",
+            "Pods whose first event arrived after a barrier that began when they already existed "
+            "(their windows may have closed without them).",
             registry=self.registry,
         )
-        self._barriers_seen = 0
-        self._missed_seen = 0
+        self.pod_watch_resumes = Counter(
+            "kubemeter_agent_pod_watch_resumes",
+            "Pod watches started again from the kept resourceVersion (after a restart or a break).",
+            registry=self.registry,
+        )
+        self.pod_relists = Counter(
+            "kubemeter_agent_pod_relists",
+            "Pod LISTs read from scratch: at the first start, or when the resume point was gone (410).",
+            registry=self.registry,
+        )
+        self.pods_vanished = Counter(
+            "kubemeter_agent_pods_vanished",
+            "Pods that ended without a final state saying when (flagged complete=false).",
+            registry=self.registry,
+        )
+        self._seen: dict[str, int] = {}
         self.config_reloads = Counter(
             "kubemeter_agent_config_reloads",
-            "Configuration files applied.",
+            "Configuration files read after a change, by result (applied or refused).",
             ["result"],
             registry=self.registry,
         )
+        for result in ("applied", "refused"):
+            self.config_reloads.labels(result)  # both exposed from the start, at 0
 
     def window_closed(self, meter: str, events: int, incomplete: int) -> None:
         self.windows_closed.labels(meter).inc()
@@ -76,12 +95,17 @@ class Telemetry:
     def source_error(self, source: str, error: BaseException) -> None:
         self.source_errors.labels(source).inc()
 
-    def pod_barrier(self, barriers: int, missed: int) -> None:
+    def pod_watch(self, pods: Informer) -> None:
         """Bring the counters up to the pod informer's own counts (it is shared by every meter)."""
-        self.pod_list_barriers.inc(max(0, barriers - self._barriers_seen))
-        self.pods_missed_by_barrier.inc(max(0, missed - self._missed_seen))
-        self._barriers_seen = max(barriers, self._barriers_seen)
-        self._missed_seen = max(missed, self._missed_seen)
+        for name, counter, count in (
+            ("barriers", self.pod_list_barriers, pods.barriers),
+            ("missed", self.pods_missed_by_barrier, pods.missed_by_barrier),
+            ("resumes", self.pod_watch_resumes, pods.resumes),
+            ("relists", self.pod_relists, pods.relists),
+            ("vanished", self.pods_vanished, pods.vanished_total),
+        ):
+            counter.inc(max(0, count - self._seen.get(name, 0)))
+            self._seen[name] = max(count, self._seen.get(name, 0))
 
     def lag(self, meter: str, seconds: float) -> None:
         self.lag_seconds.labels(meter).set(seconds)

@@ -22,6 +22,10 @@ from kubemeter.sources.kubelet import KubeletUsageSource
 
 # Pod state older than this at a window's close is a fault worth reporting (settle + barrier time).
 BEHIND_AFTER_MS = 30_000
+# While the pod watch is down (API server unreachable) windows wait this long for it: once it is
+# back, the resumed watch brings every change made meanwhile, so waiting bills exactly where closing
+# "as last seen" could only guess (and flag). Past this the windows close flagged.
+HOLD_WHILE_BEHIND_MS = 15 * 60_000
 
 
 def held_interval(record: PodRecord) -> tuple[Interval, str | None]:
@@ -40,7 +44,7 @@ def held_interval(record: PodRecord) -> tuple[Interval, str | None]:
 
 
 class AllocationSource:
-    hold_limit_ms: int | None = None
+    hold_limit_ms: int | None = HOLD_WHILE_BEHIND_MS
 
     def __init__(self, pods: Informer, resource: str, basis: Basis) -> None:
         self.pods = pods

@@ -1,21 +1,29 @@
-"""List-then-watch caches of Kubernetes objects (pods of this node, namespaces), asyncio only.
+"""Watch caches of Kubernetes objects (pods of this node, namespaces), asyncio only.
 
-A dropped watch is retried with backoff; while it is down the cache says so (``healthy`` is False and
-``healthy_through_ms`` stops advancing), so meters can hold or flag the windows that depend on it.
+Like client-go's reflector, the watch *resumes*: the resourceVersion of the last event (or bookmark)
+applied is kept (and checkpointed by the agent), and after a broken watch or an agent restart the
+watch starts again from it. The API server's watch cache then delivers what happened meanwhile,
+DELETED events with each pod's final state included. Only when that point is too old (``410 Gone``)
+is the list read again, and only then can an object have vanished unseen (``vanished``: its end is
+unknown). resourceVersions are opaque: they are compared for equality only, never ordered.
 
 A healthy watch can still lag the API server (a slow link, a busy API server, a busy agent). Before a
-window closes, :meth:`Informer.catch_up` runs a barrier: a consistent LIST taken at ``t0``, newer
-objects from it applied, and pods it no longer has waited for until their DELETED event (their final
-state) arrives. Only then is the cache known to hold every change made before ``t0``
-(``consistent_through_ms``). Stale events that the watch delivers after the barrier never overwrite the
-newer objects the LIST gave (resourceVersions are compared).
+window closes, :meth:`Informer.catch_up` runs a barrier: a LIST (a consistent read: the API server's
+watch cache is at least as new as its answer), then a fresh watch stream from the resume point,
+whose first bookmark the API server sends after that answer. Events reach a watch in
+resourceVersion order, so once that bookmark is applied every change the LIST reflected is in the
+cache, including the ADDED/DELETED pair of a pod that lived and ended entirely inside the lag. Only
+then is the cache known to hold every change made before the barrier began
+(``consistent_through_ms``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -23,7 +31,7 @@ from typing import Any
 
 import httpx
 
-from kubemeter.metering.pods import deletion_requested_ms
+from kubemeter.metering.pods import deletion_requested_ms, parse_time_ms, released_at_ms
 from kubemeter.sources.kube import KubeApi, KubeApiError, WatchExpired
 
 log = logging.getLogger(__name__)
@@ -33,25 +41,24 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-# After a barrier's LIST answer, the watch gets this long to deliver what the API server sent on it
-# before answering the LIST (both travel the same way; the watch is on another connection).
-BARRIER_DRAIN_S = 0.1
-# A pod the LIST no longer has is waited for this long; past it the watch is stuck, not lagging.
-BARRIER_DELETE_WAIT_S = 30.0
+# How long a watch stream runs before the API server ends it (it is then resumed from where it was).
+WATCH_TIMEOUT_S = 300
+# A stream opened for a barrier ends this soon: the API server sends a watcher a bookmark 2 s before
+# its deadline, so this one carries a bookmark about a second after it opens.
+BARRIER_WATCH_TIMEOUT_S = 3
+# A barrier waits this long for a bookmark before it LISTs again, and this long in all; past it the
+# watch is stuck, not lagging.
+BARRIER_ROUND_S = 10.0
+BARRIER_WAIT_S = 60.0
+# creationTimestamp has whole seconds: an object created this long before a barrier began must
+# have been in it.
+_TIMESTAMP_PRECISION_MS = 1_000
 
 
-def resource_version(obj: Mapping[str, Any]) -> int | None:
-    """etcd's revision as an int, to order two versions of one object; None if not numeric."""
-    text = (obj.get("metadata") or {}).get("resourceVersion")
-    try:
-        return int(text) if text is not None else None
-    except ValueError:
-        return None
-
-
-def is_newer(candidate: Mapping[str, Any], cached: Mapping[str, Any]) -> bool:
-    new, old = resource_version(candidate), resource_version(cached)
-    return new is None or old is None or new > old
+def resource_version(obj: Mapping[str, Any]) -> str | None:
+    """The object's (or list's) resourceVersion: opaque text, compared only for equality."""
+    value = (obj.get("metadata") or {}).get("resourceVersion")
+    return str(value) if value else None
 
 
 @dataclass
@@ -59,7 +66,8 @@ class CachedObject:
     object: dict[str, Any]
     # Set when the API server reported the object deleted (or it vanished during a relist).
     deleted_at_ms: int | None = None
-    # True when it vanished without the agent seeing its final state (watch gap or agent downtime).
+    # True when it is gone without the agent knowing when it ended (a relist after 410 Gone, or a
+    # DELETED replayed after a gap whose object carries no end of its own).
     vanished: bool = False
     # The earliest deletion request seen in any version of the object (see deletion_requested_ms).
     deletion_requested_ms: int | None = None
@@ -80,6 +88,21 @@ class Backoff:
         self.attempt = 0
 
 
+_TOO_OLD = re.compile(r"too old resource version: \d+ \((\d+)\)")
+
+
+def oldest_kept_version(message: str) -> str | None:
+    """From a 410's message, the oldest resourceVersion the API server's watch cache can still
+    resume from ("too old resource version: <asked> (<oldest kept>)"), or None if it does not say."""
+    match = _TOO_OLD.search(message)
+    return match.group(1) if match else None
+
+
+def _ends_itself(obj: Mapping[str, Any]) -> bool:
+    """Whether the object's final state says when it released what it held (pods only)."""
+    return (obj.get("kind") or "Pod") != "Pod" or released_at_ms(obj) is not None
+
+
 @dataclass
 class Informer:
     """Keeps ``objects`` (keyed by ``key_of``) equal to what the API server holds at ``path``."""
@@ -94,40 +117,61 @@ class Informer:
     synced: asyncio.Event = field(default_factory=asyncio.Event)
     healthy: bool = False
     healthy_through_ms: int = 0
-    # Every change the API server made before this moment is in ``objects`` (set by LISTs).
+    # Every change the API server made before this moment is in ``objects`` (set by barriers).
     consistent_through_ms: int = 0
+    # Where the watch resumes: the resourceVersion of the last event or bookmark applied. The
+    # agent checkpoints it with the objects; None means the list must be read.
+    resource_version: str | None = None
     last_error: str | None = None
     relists: int = 0
+    resumes: int = 0  # watches started again from a kept resourceVersion after a gap
+    expired: int = 0  # resume points the API server no longer had (410 Gone)
+    vanished_total: int = 0
     barriers: int = 0
-    # Watch events older than the last barrier's LIST for objects the LIST did not show: the barrier
-    # missed a pod that was created and gone before the LIST (see docs/metering.md).
+    # Objects that arrived after a barrier that began when they already existed: a barrier missed
+    # them (their windows may have closed without them). Kept at 0 by the bookmark; counted to know.
     missed_by_barrier: int = 0
-    _barrier_rv: int = 0
+    # Set while the watch replays a gap (after a restart or a broken watch): when it began.
+    _gap_since_ms: int | None = None
+    _stream: int = 0
+    _restart: asyncio.Event = field(default_factory=asyncio.Event)
+    # Futures resolved by the first bookmark of a stream numbered at least the int.
+    _bookmark_waiters: list[tuple[int, asyncio.Future[None]]] = field(default_factory=list)
     _barrier: asyncio.Task[None] | None = None
-    _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def touch(self) -> None:
         if self.healthy:
             self.healthy_through_ms = now_ms()
 
+    def resume_from(self, resource_version: str | None, objects: Mapping[str, CachedObject]) -> None:
+        """Start from a checkpoint: the objects as they were at ``resource_version``."""
+        self.objects.update(objects)
+        self.resource_version = resource_version
+        if resource_version is not None:
+            self._gap_since_ms = self.healthy_through_ms or now_ms()
+
     async def run(self) -> None:
         backoff = Backoff()
-        resource_version: str | None = None
+        oldest_kept: str | None = None  # what the API server said it still has, after a 410
         while True:
             try:
-                if resource_version is None:
-                    resource_version = await self._relist()
-                    self.healthy = True
-                    self.synced.set()
+                if self.resource_version is None:
+                    self.resource_version = await self._relist(oldest_kept)
+                    oldest_kept = None
                     backoff.reset()
-                async for event_type, obj in self.api.watch(self.path, self.params, resource_version):
-                    resource_version = obj.get("metadata", {}).get("resourceVersion", resource_version)
-                    self._apply(event_type, obj)
-                    self.touch()
-                    backoff.reset()
-                # The server closed the watch normally (timeoutSeconds); resume from resource_version.
-            except WatchExpired:
-                resource_version = None
+                elif self._gap_since_ms is not None:
+                    self.resumes += 1
+                    # Catching up is over at the first bookmark sent after the stream opened.
+                    self._track_gap_end()
+                await self._watch_once()
+                backoff.reset()
+            except WatchExpired as error:
+                self.expired += 1
+                oldest_kept = oldest_kept_version(str(error))
+                log.warning(
+                    "%s: resume point %s is gone (%s); listing again", self.name, self.resource_version, error
+                )
+                self.resource_version = None
             except asyncio.CancelledError:
                 raise
             except (
@@ -140,15 +184,81 @@ class Informer:
             ) as error:
                 self.touch()
                 self.healthy = False
+                if self._gap_since_ms is None:
+                    self._gap_since_ms = self.healthy_through_ms or now_ms()
                 self.last_error = f"{type(error).__name__}: {error}"
                 self.on_error(self.name, error)
-                log.warning("watch of %s failed (%s); retrying", self.name, self.last_error)
-                resource_version = None  # relist: objects may have vanished meanwhile
+                log.warning("watch of %s failed (%s); resuming", self.name, self.last_error)
                 await asyncio.sleep(backoff.next_delay_s())
 
-    async def _relist(self) -> str:
-        started_ms = now_ms()
-        listing = await self.api.get(self.path, self.params)
+    def _track_gap_end(self) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._bookmark_waiters.append((self._stream + 1, future))
+
+        def ended(done: asyncio.Future[None]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                self._gap_since_ms = None
+
+        future.add_done_callback(ended)
+
+    async def _watch_once(self) -> None:
+        """One watch stream, until the server ends it or a barrier wants a fresh one."""
+        self._stream += 1
+        stream = self._stream
+        self._restart.clear()
+        timeout_s = BARRIER_WATCH_TIMEOUT_S if self._bookmark_waiters else WATCH_TIMEOUT_S
+        consume = asyncio.create_task(self._consume(stream, timeout_s), name=f"{self.name} watch")
+        restart = asyncio.create_task(self._restart.wait())
+        try:
+            await asyncio.wait({consume, restart}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            restart.cancel()
+            if not consume.done():
+                consume.cancel()  # a barrier wants a fresh stream: drop what is in flight on this one
+                with contextlib.suppress(asyncio.CancelledError):
+                    await consume
+        if not consume.cancelled():
+            consume.result()
+
+    async def _consume(self, stream: int, timeout_s: int) -> None:
+        assert self.resource_version is not None
+
+        def opened() -> None:
+            self.healthy = True
+            self.last_error = None
+            self.synced.set()
+
+        async for event_type, obj in self.api.watch(
+            self.path, self.params, self.resource_version, timeout_s, on_open=opened
+        ):
+            self._apply(event_type, obj)
+            self.resource_version = resource_version(obj) or self.resource_version
+            self.touch()
+            if event_type == "BOOKMARK":
+                self._bookmarked(stream)
+
+    def _bookmarked(self, stream: int) -> None:
+        waiting = []
+        for wanted, future in self._bookmark_waiters:
+            if stream >= wanted:
+                if not future.done():
+                    future.set_result(None)
+            else:
+                waiting.append((wanted, future))
+        self._bookmark_waiters = waiting
+
+    async def _relist(self, at: str | None = None) -> str:
+        """Read the list; ``at`` (the oldest version the watch cache still has) lists the state then,
+        so that the watch resumed from it still delivers every final state the API server kept."""
+        listing = None
+        if at is not None:
+            try:
+                exact = {**self.params, "resourceVersion": at, "resourceVersionMatch": "Exact"}
+                listing = await self.api.get(self.path, exact)
+            except (WatchExpired, KubeApiError) as error:  # compacted meanwhile: the list as of now
+                log.warning("%s: cannot list as of %s (%s); listing now", self.name, at, error)
+        if listing is None:
+            listing = await self.api.get(self.path, self.params)
         seen_ms = now_ms()
         last_known_ms = self.healthy_through_ms or seen_ms
         fresh = {self.key_of(item): item for item in listing.get("items") or []}
@@ -157,29 +267,46 @@ class Informer:
                 # Gone while nobody watched: it existed until last_known_ms; its end is unknown.
                 cached.deleted_at_ms = last_known_ms
                 cached.vanished = True
+                self.vanished_total += 1
         for key, item in fresh.items():
             self._store(key, item)
         self.relists += 1
+        if at is None or resource_version(listing) != at:
+            self._gap_since_ms = None  # current as of now; else the watch replays from ``at`` first
+        self.healthy = True
+        self.synced.set()
         self.healthy_through_ms = seen_ms
-        self.consistent_through_ms = max(self.consistent_through_ms, started_ms)
-        self._changed.set()
-        return str(listing.get("metadata", {}).get("resourceVersion", ""))
+        version = resource_version(listing)
+        if version is None:
+            raise KubeApiError(500, f"LIST {self.path} answered without a resourceVersion")
+        return version
 
     def _apply(self, event_type: str, obj: dict[str, Any]) -> None:
         if event_type == "BOOKMARK":
             return
         key = self.key_of(obj)
         cached = self.objects.get(key)
-        if cached is None and self._barrier_rv and (resource_version(obj) or 0) <= self._barrier_rv:
-            self.missed_by_barrier += 1
-            log.warning("%s %s arrived after a barrier that should have seen it", self.name, key)
+        if cached is None and self.consistent_through_ms:
+            created = (obj.get("metadata") or {}).get("creationTimestamp")
+            if created and parse_time_ms(created) + _TIMESTAMP_PRECISION_MS <= self.consistent_through_ms:
+                self.missed_by_barrier += 1
+                log.warning("%s %s arrived after a barrier that should have seen it", self.name, key)
+        if cached is not None and cached.deleted_at_ms is not None:
+            return  # already final (a uid is never reused)
         if event_type == "DELETED":
-            self._store(key, obj, deleted_at_ms=now_ms())
-        elif cached is None or (cached.deleted_at_ms is None and is_newer(obj, cached.object)):
+            if self._gap_since_ms is not None and not _ends_itself(obj):
+                # Deleted during the gap with nothing in its final state saying when: it held its
+                # resources at least until the gap began, the rest is unknown.
+                self._store(key, obj, deleted_at_ms=self._gap_since_ms, vanished=True)
+                self.vanished_total += 1
+            else:
+                self._store(key, obj, deleted_at_ms=now_ms())
+        else:
             self._store(key, obj)
-        self._changed.set()
 
-    def _store(self, key: str, obj: dict[str, Any], deleted_at_ms: int | None = None) -> None:
+    def _store(
+        self, key: str, obj: dict[str, Any], deleted_at_ms: int | None = None, vanished: bool = False
+    ) -> None:
         """Replace the cached version, keeping the earliest deletion request any version showed."""
         # managedFields is about half of a pod object and nothing meters it: not kept in memory.
         (obj.get("metadata") or {}).pop("managedFields", None)
@@ -187,7 +314,9 @@ class Informer:
         if (previous := self.objects.get(key)) is not None:
             requests.append(previous.deletion_requested_ms)
         known = [moment for moment in requests if moment is not None]
-        self.objects[key] = CachedObject(obj, deleted_at_ms, deletion_requested_ms=min(known, default=None))
+        self.objects[key] = CachedObject(
+            obj, deleted_at_ms, vanished, deletion_requested_ms=min(known, default=None)
+        )
 
     async def catch_up(self, through_ms: int, timeout_s: float = 5.0) -> bool:
         """Make the cache consistent through ``through_ms`` (a past moment) if the API answers in time.
@@ -214,43 +343,32 @@ class Informer:
 
     async def _run_barrier(self) -> None:
         started_ms = now_ms()
-        listing = await self.api.get(self.path, self.params)
-        listed = {self.key_of(item): item for item in listing.get("items") or []}
-        for key, item in listed.items():
-            cached = self.objects.get(key)
-            if cached is None or (cached.deleted_at_ms is None and is_newer(item, cached.object)):
-                self._store(key, item)
-        list_rv = resource_version(listing)
-        self._barrier_rv = max(self._barrier_rv, list_rv or 0)
-        await asyncio.sleep(BARRIER_DRAIN_S)
-        # Gone from the LIST but not yet DELETED here: the final state is on its way on the watch.
-        # Objects newer than the LIST (created after it was answered) are not waited for.
-        pending = {
-            key
-            for key, cached in self.objects.items()
-            if key not in listed
-            and cached.deleted_at_ms is None
-            and (list_rv is None or (resource_version(cached.object) or 0) <= list_rv)
-        }
-        deadline = time.monotonic() + BARRIER_DELETE_WAIT_S
-        while pending := {key for key in pending if self._still_pending(key)}:
-            left_s = deadline - time.monotonic()
-            if left_s <= 0 or not self.healthy:
-                log.warning(
-                    "%s: %d objects gone from the list never arrived as DELETED", self.name, len(pending)
-                )
-                return
-            self._changed.clear()
+        deadline = time.monotonic() + BARRIER_WAIT_S
+        while True:
+            listing = await self.api.get(self.path, self.params)
+            if resource_version(listing) == self.resource_version:
+                break  # the watch has applied exactly what the LIST reflects
+            # The watch may not have delivered everything the LIST reflects: wait for a bookmark on
+            # a stream opened after the answer.
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._bookmark_waiters.append((self._stream + 1, future))
+            self._restart.set()
             try:
-                await asyncio.wait_for(self._changed.wait(), left_s)
+                await asyncio.wait_for(future, min(BARRIER_ROUND_S, max(0.1, deadline - time.monotonic())))
+                break
             except TimeoutError:
-                continue
+                # The API server sends a bookmark only past what the stream has seen; on a quiet
+                # cluster that takes a change anywhere in etcd, which the next consistent LIST makes
+                # its watch cache catch up with.
+                if time.monotonic() >= deadline:
+                    log.warning(
+                        "%s: no bookmark within %.0f s; the watch is stuck", self.name, BARRIER_WAIT_S
+                    )
+                    raise
         self.barriers += 1
         self.consistent_through_ms = max(self.consistent_through_ms, started_ms)
-
-    def _still_pending(self, key: str) -> bool:
-        cached = self.objects.get(key)
-        return cached is not None and cached.deleted_at_ms is None
+        if self.healthy:
+            self._gap_since_ms = None  # whatever a gap left to replay is applied now
 
     def forget(self, key: str) -> None:
         self.objects.pop(key, None)

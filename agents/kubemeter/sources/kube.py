@@ -12,7 +12,7 @@ import json
 import os
 import ssl
 import tempfile
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -174,9 +174,20 @@ class KubeApi:
         return result
 
     async def watch(
-        self, path: str, params: Mapping[str, str], resource_version: str, timeout_s: int = 300
+        self,
+        path: str,
+        params: Mapping[str, str],
+        resource_version: str,
+        timeout_s: int = 300,
+        on_open: Callable[[], None] | None = None,
     ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
-        """Yield ``(type, object)`` until the server ends the watch; 410 raises :class:`WatchExpired`."""
+        """Yield ``(type, object)`` from ``resource_version`` on until the server ends the watch.
+
+        Bookmarks are asked for (``allowWatchBookmarks``): they move the resume point on quiet
+        nodes, and the API server sends one 2 s before ``timeout_s`` ends. ``on_open`` runs once the
+        server accepted the watch. A resourceVersion the server no longer has (410) raises
+        :class:`WatchExpired`.
+        """
         query = {
             **params,
             "watch": "true",
@@ -196,6 +207,8 @@ class KubeApi:
                 if response.status_code == 410:
                     raise WatchExpired(body)
                 raise KubeApiError(response.status_code, f"WATCH {path}: {response.status_code} {body}")
+            if on_open is not None:
+                on_open()
             async for line in response.aiter_lines():
                 if not line.strip():
                     continue

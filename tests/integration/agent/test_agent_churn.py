@@ -21,6 +21,7 @@ from kubernetes import client, config
 
 from testbed.controlplane import ControlPlane, wait_for
 from tests.integration.agent.agent_harness import AgentProcess, exact, meter
+from tests.support.metrics_text import sample_value
 
 pytestmark = pytest.mark.integration
 
@@ -98,10 +99,8 @@ class Churn:
         self.rng = random.Random(seed)
         self.truth: dict[str, Truth] = {}
         self.lock = threading.Lock()
-        # Held while an agent is down: deletions wait, because a pod deleted while its agent is
-        # down leaves no release time behind (documented in docs/metering.md).
-        self.agents_up = threading.Lock()
-        self.deleted: dict[str, str] = {}  # uid -> node
+        # Pods ended (or being ended): each exactly once, by the plan or by end_one_on.
+        self.ending: set[str] = set()
 
     def create(self, index: int) -> Truth:
         node = self.nodes[index % len(self.nodes)]
@@ -118,12 +117,26 @@ class Churn:
             self.truth[truth.name] = truth
         return truth
 
-    def finish(self, truth: Truth, how: str) -> None:
+    def end_one_on(self, node: str) -> Truth | None:
+        """End one live pod on ``node`` now (a deletion or a completion): the last moment before a kill."""
+        with self.lock:
+            live = [t for t in self.truth.values() if t.node == node and t.name not in self.ending]
+            if not live:
+                return None
+            truth = self.rng.choice(live)
+            self.ending.add(truth.name)
+        self.finish(truth, self.rng.choice(["delete", "complete"]), claimed=True)
+        return truth
+
+    def finish(self, truth: Truth, how: str, claimed: bool = False) -> None:
+        if not claimed:
+            with self.lock:
+                if truth.name in self.ending:
+                    return  # ended already (end_one_on)
+                self.ending.add(truth.name)
         truth.how = how
         if how == "delete":
-            with self.agents_up:
-                pod = self.core.delete_namespaced_pod(truth.name, self.namespace)
-                self.deleted[truth.uid] = truth.node
+            pod = self.core.delete_namespaced_pod(truth.name, self.namespace)
             deletion_ms = int(pod.metadata.deletion_timestamp.timestamp() * 1000)
             truth.end_ms = deletion_ms - 1000 * pod.metadata.deletion_grace_period_seconds
             truth.answer = (
@@ -158,13 +171,15 @@ class Churn:
             truth.end_ms = int(finished.timestamp() * 1000)
             truth.answer = f"phase {pod.status.phase} finished {finished} status {pod.status.to_dict()}"
 
-    def run(self, pods: int, spread_s: float, max_life_s: float) -> None:
-        """Create ``pods`` pods over ``spread_s`` seconds; each lives 3 s to ``max_life_s``."""
+    def run(self, pods: int, spread_s: float, max_life_s: float, min_life_s: float = 3) -> None:
+        """Create ``pods`` pods over ``spread_s`` seconds; each lives ``min_life_s`` to ``max_life_s``
+        (at least 1.1 s, so that whole-second API timestamps still show it lived)."""
         started = time.monotonic()
         plan = []
-        for index in range(pods):
+        first = len(self.truth)  # a second run goes on numbering
+        for index in range(first, first + pods):
             birth = self.rng.uniform(0, spread_s)
-            life = self.rng.uniform(3, max_life_s)
+            life = self.rng.uniform(min_life_s, max_life_s)
             plan.append((birth, index, "create"))
             plan.append((birth + life, index, self.rng.choice(["delete", "complete"])))
         plan.sort()
@@ -269,9 +284,13 @@ def test_churn_of_200_pods_is_metered_exactly_per_pod(
         events = wait_until_all_windows_closed(agents, churn.truth)
         by_id = check_against_truth(events, churn.truth)
         assert len(churn.truth) == 210 and len(by_id) > 400
-        metrics = agents[0].metrics()
-        assert "kubemeter_agent_events_emitted_total" in metrics
-        assert "kubemeter_agent_windows_closed_total" in metrics
+        for agent in agents:
+            metrics = agent.metrics()
+            written = sum(1 for e in agent.events())
+            assert sample_value(metrics, "kubemeter_agent_events_emitted_total") == written
+            assert sample_value(metrics, "kubemeter_agent_windows_closed_total") >= 4 * 3
+            assert sample_value(metrics, "kubemeter_agent_pods_missed_by_barrier_total") == 0
+            assert sample_value(metrics, "kubemeter_agent_pods_vanished_total") == 0
     finally:
         for agent in agents:
             agent.stop()
@@ -280,10 +299,13 @@ def test_churn_of_200_pods_is_metered_exactly_per_pod(
 def test_agents_killed_at_random_moments_emit_identical_ids_and_totals(
     cluster: ControlPlane, namespace: str, tmp_path: Path
 ) -> None:
+    """Each kill lands within a second of one of the node's pods ending, and more of its pods end
+    while it is down: the restarted agent resumes its watch and gets their final states."""
     nodes = [n.name for n in cluster.nodes if n.capacity.get("nvidia.com/gpu") == "8"][:3]
     agents = start_agents(tmp_path, cluster, namespace, nodes)
     rng = random.Random(11)
     kills: list[str] = []
+    ended_at_kill: list[str] = []
     churn = Churn(cluster, namespace, nodes, seed=13)
     stop = threading.Event()
 
@@ -297,34 +319,79 @@ def test_agents_killed_at_random_moments_emit_identical_ids_and_totals(
 
     def kill_five_times() -> None:
         for _ in range(5):
-            if stop.wait(rng.uniform(2, 6)):
+            if stop.wait(rng.uniform(1, 3)):
                 return
             agent = rng.choice(agents)
-            with churn.agents_up:
-                # A pod deleted before its agent saw the deletion leaves no release time behind
-                # (docs/metering.md); kill only once the agent has recorded every deletion so far.
-                deleted = {uid for uid, node in churn.deleted.items() if node == agent.node}
-                wait_for(
-                    lambda a=agent, d=deleted: not d & a.pods_held_as_running(),
-                    timeout_s=10,
-                    what=f"{agent.node} to record {len(deleted)} deletions",
-                )
-                agent.kill()
-                kills.append(agent.node)
-                time.sleep(rng.uniform(0, 2))  # down for a while: windows close late, after restart
-                agent.start()
+            ended = churn.end_one_on(agent.node)
+            time.sleep(rng.uniform(0, 0.9))  # the kill lands in the second after that pod ended
+            agent.kill()
+            kills.append(agent.node)
+            if ended is not None:
+                ended_at_kill.append(ended.name)
+            time.sleep(rng.uniform(2, 5))  # down: the churn ends more of its pods meanwhile
+            agent.start()
 
     thread = threading.Thread(target=killer)
     thread.start()
     try:
-        churn.run(pods=200, spread_s=20, max_life_s=25)
+        churn.run(pods=200, spread_s=30, max_life_s=25)
         thread.join()
         assert not errors, errors
-        assert len(kills) == 5
+        assert len(kills) == 5 and len(ended_at_kill) >= 4, (kills, ended_at_kill)
         events = wait_until_all_windows_closed(agents, churn.truth)
         check_against_truth(events, churn.truth)
+        for agent in agents:
+            if agent.node in kills:
+                metrics = agent.metrics()  # the last process's own counts
+                assert sample_value(metrics, "kubemeter_agent_pod_watch_resumes_total") >= 1
+                assert sample_value(metrics, "kubemeter_agent_pod_relists_total") == 0
+                assert sample_value(metrics, "kubemeter_agent_pods_vanished_total") == 0
     finally:
         stop.set()
         thread.join()
         for agent in agents:
             agent.stop()
+
+
+# How long the agent stays down while its pods end; within the API server's watch-cache history
+# (docs/metering.md, "Agent restarts"), so their final states are still there to resume from.
+AGENT_DOWN_S = 90
+
+
+def test_pods_that_end_while_their_agent_is_down_90_s_are_metered_exactly(
+    cluster: ControlPlane, namespace: str, tmp_path: Path
+) -> None:
+    node = next(n.name for n in cluster.nodes if n.capacity.get("nvidia.com/gpu") == "8")
+    (agent,) = start_agents(tmp_path, cluster, namespace, [node])
+    try:
+        churn = Churn(cluster, namespace, [node], seed=29)
+        pods = [churn.create(index) for index in range(12)]
+        wait_for(
+            lambda: len(agent.pods_held_as_running()) == len(pods),
+            timeout_s=20,
+            what="the agent to checkpoint every pod",
+        )
+        agent.kill()
+        down_at = time.monotonic()
+        # Every pod ends while the agent is down, spread over the outage (a deletion or the
+        # containers exiting), and more pods come and go entirely inside it.
+        for index, truth in enumerate(pods):
+            time.sleep(max(0.0, down_at + 4 + index * 6 - time.monotonic()))
+            churn.finish(truth, "delete" if index % 2 else "complete")
+            if index % 3 == 0:
+                brief = churn.create(100 + index)
+                time.sleep(1.5)
+                churn.finish(brief, "delete")
+        time.sleep(max(0.0, down_at + AGENT_DOWN_S - time.monotonic()))
+        down_s = time.monotonic() - down_at
+        agent.start()
+        events = wait_until_all_windows_closed([agent], churn.truth)
+        check_against_truth(events, churn.truth)  # per pod, per resource, and complete=true
+        metrics = agent.metrics()
+        print(f"agent down {down_s:.1f} s; {len(churn.truth)} pods ended meanwhile; {len(events)} events")
+        assert down_s >= AGENT_DOWN_S
+        assert sample_value(metrics, "kubemeter_agent_pod_watch_resumes_total") >= 1
+        assert sample_value(metrics, "kubemeter_agent_pod_relists_total") == 0
+        assert sample_value(metrics, "kubemeter_agent_pods_vanished_total") == 0
+    finally:
+        agent.stop()

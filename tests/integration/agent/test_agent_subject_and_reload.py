@@ -13,6 +13,7 @@ import pytest
 from testbed.controlplane import ControlPlane, wait_for
 from tests.integration.agent.agent_harness import AgentProcess, exact, meter
 from tests.integration.agent.test_agent_churn import seconds_ms
+from tests.support.metrics_text import sample_value
 
 pytestmark = pytest.mark.integration
 
@@ -103,6 +104,8 @@ def test_a_config_reload_changes_the_subject_without_a_gap_or_a_double_count(
         assert all(b - a == WINDOW_MS for a, b in itertools.pairwise(starts)), starts
         assert all(exact(e["data"]["value"]) == 20 for e in events[1:])
         assert any(e["data"].get("plan") == "gold" for e in events)
-        assert "kubemeter_agent_config_reloads_total" in agent.metrics()
+        metrics = agent.metrics()
+        assert sample_value(metrics, "kubemeter_agent_config_reloads_total", result="applied") == 1
+        assert sample_value(metrics, "kubemeter_agent_config_reloads_total", result="refused") == 0
     finally:
         agent.stop()

@@ -78,16 +78,24 @@ def test_values_are_json_numbers_with_their_exact_text() -> None:
     assert repr(json_number(Decimal("0.123456789"))) == "0.123456789"
 
 
-def test_checkpoint_survives_reopening(tmp_path: Path) -> None:
+async def test_checkpoint_survives_reopening_with_the_watch_resume_point(tmp_path: Path) -> None:
     store = CheckpointStore(tmp_path)
     store.start_meter("m", T0)
-    store.commit_window("m", T0 + 10_000, ["uid-1"], {"k": 1})
-    store.save_pods({"uid-1": CachedObject({"metadata": {"uid": "uid-1", "resourceVersion": "5"}})}, {})
+    await store.commit_window("m", T0 + 10_000, ["uid-1"], {"k": 1})
+    pods = {"uid-1": CachedObject({"metadata": {"uid": "uid-1", "resourceVersion": "5"}})}
+    saved: dict[str, str] = {}
+    await store.save_watch(store.changed_pods(pods, saved, "0005", T0), saved)
+    assert store.changed_pods(pods, saved, "0005", T0).rows == []  # saved once, not again
     store.close()
     reopened = CheckpointStore(tmp_path)
     assert reopened.meter("m") == (T0 + 10_000, {"k": 1})
     assert reopened.emitted_through_ms("m", "uid-1") == T0 + 10_000
-    assert set(reopened.load_pods()) == {"uid-1"}
+    loaded, versions = reopened.load_pods()
+    assert set(loaded) == {"uid-1"}
+    assert reopened.changed_pods(loaded, versions, "0005", T0).rows == []  # a restart re-saves nothing
+    assert reopened.resume_point() == "0005"  # opaque text, kept as given
+    assert reopened.last_heartbeat_ms() == T0
+    reopened.close()
 
 
 def rfc3339_ms(moment_ms: int) -> str:
