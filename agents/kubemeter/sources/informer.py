@@ -61,6 +61,10 @@ def resource_version(obj: Mapping[str, Any]) -> str | None:
     return str(value) if value else None
 
 
+class BookmarkNotSent(Exception):
+    """A watch stream ended before the bookmark a barrier waited for."""
+
+
 @dataclass
 class CachedObject:
     object: dict[str, Any]
@@ -149,6 +153,7 @@ class Informer:
         self.resource_version = resource_version
         if resource_version is not None:
             self._gap_since_ms = self.healthy_through_ms or now_ms()
+            self.resumes += 1
 
     async def run(self) -> None:
         backoff = Backoff()
@@ -160,7 +165,6 @@ class Informer:
                     oldest_kept = None
                     backoff.reset()
                 elif self._gap_since_ms is not None:
-                    self.resumes += 1
                     # Catching up is over at the first bookmark sent after the stream opened.
                     self._track_gap_end()
                 await self._watch_once()
@@ -184,8 +188,9 @@ class Informer:
             ) as error:
                 self.touch()
                 self.healthy = False
-                if self._gap_since_ms is None:
+                if self._gap_since_ms is None and self.resource_version is not None:
                     self._gap_since_ms = self.healthy_through_ms or now_ms()
+                    self.resumes += 1  # the watch goes on from where it was
                 self.last_error = f"{type(error).__name__}: {error}"
                 self.on_error(self.name, error)
                 log.warning("watch of %s failed (%s); resuming", self.name, self.last_error)
@@ -218,6 +223,7 @@ class Informer:
                 with contextlib.suppress(asyncio.CancelledError):
                     await consume
         if not consume.cancelled():
+            self._ended_without_bookmark(stream)
             consume.result()
 
     async def _consume(self, stream: int, timeout_s: int) -> None:
@@ -235,7 +241,20 @@ class Informer:
             self.resource_version = resource_version(obj) or self.resource_version
             self.touch()
             if event_type == "BOOKMARK":
+                log.debug("%s: bookmark %s on stream %d", self.name, self.resource_version, stream)
                 self._bookmarked(stream)
+
+    def _ended_without_bookmark(self, stream: int) -> None:
+        """The server ended ``stream`` before a bookmark: it sends one only once its cache is past
+        where the stream began, so whoever waits on it asks again (a LIST moves the cache on)."""
+        waiting = []
+        for wanted, future in self._bookmark_waiters:
+            if stream >= wanted:
+                if not future.done():
+                    future.set_exception(BookmarkNotSent(f"{self.name}: stream {stream} ended first"))
+            else:
+                waiting.append((wanted, future))
+        self._bookmark_waiters = waiting
 
     def _bookmarked(self, stream: int) -> None:
         waiting = []
@@ -346,6 +365,13 @@ class Informer:
         deadline = time.monotonic() + BARRIER_WAIT_S
         while True:
             listing = await self.api.get(self.path, self.params)
+            log.debug(
+                "%s barrier: LIST at %s, watch at %s (stream %d)",
+                self.name,
+                resource_version(listing),
+                self.resource_version,
+                self._stream,
+            )
             if resource_version(listing) == self.resource_version:
                 break  # the watch has applied exactly what the LIST reflects
             # The watch may not have delivered everything the LIST reflects: wait for a bookmark on
@@ -356,6 +382,10 @@ class Informer:
             try:
                 await asyncio.wait_for(future, min(BARRIER_ROUND_S, max(0.1, deadline - time.monotonic())))
                 break
+            except BookmarkNotSent:
+                if time.monotonic() >= deadline:
+                    raise
+                log.debug("%s barrier: the stream ended without a bookmark; another round", self.name)
             except TimeoutError:
                 # The API server sends a bookmark only past what the stream has seen; on a quiet
                 # cluster that takes a change anywhere in etcd, which the next consistent LIST makes
@@ -366,6 +396,7 @@ class Informer:
                     )
                     raise
         self.barriers += 1
+        log.debug("%s barrier done: consistent through %d", self.name, started_ms)
         self.consistent_through_ms = max(self.consistent_through_ms, started_ms)
         if self.healthy:
             self._gap_since_ms = None  # whatever a gap left to replay is applied now

@@ -231,6 +231,7 @@ def main(argv: Sequence[str]) -> int:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("kubemeter.sources.informer").setLevel(logging.DEBUG)  # barriers, for failures
     if os.environ.get("KUBEMETER_TEST_FAKE_NVML"):
         # GPU tests without a GPU: NVML answers from the fake at the pynvml boundary.
         from tests.support.live_nvml import install_from_file
