@@ -117,6 +117,11 @@ class Churn:
             self.truth[truth.name] = truth
         return truth
 
+    def live_on(self, node: str) -> int:
+        """Pods on ``node`` created and not yet ended (nor being ended)."""
+        with self.lock:
+            return sum(1 for t in self.truth.values() if t.node == node and t.name not in self.ending)
+
     def end_one_on(self, node: str) -> Truth | None:
         """End one live pod on ``node`` now (a deletion or a completion): the last moment before a kill."""
         with self.lock:
@@ -321,7 +326,8 @@ def test_agents_killed_at_random_moments_emit_identical_ids_and_totals(
         for _ in range(5):
             if stop.wait(rng.uniform(1, 3)):
                 return
-            agent = rng.choice(agents)
+            # An agent with a pod to end (the churn's own ledger), so that each kill follows a deletion.
+            agent = rng.choice([a for a in agents if churn.live_on(a.node)] or agents)
             ended = churn.end_one_on(agent.node)
             time.sleep(rng.uniform(0, 0.9))  # the kill lands in the second after that pod ended
             agent.kill()
