@@ -54,18 +54,27 @@ class Api:
         listing = self.client.get(f"/api/v1/namespaces/{NAMESPACE}/pods").raise_for_status().json()
         return str(listing["metadata"]["resourceVersion"])
 
-    def resumable(self, version: str) -> bool:
-        """Whether a pod watch from ``version`` is accepted (False: 410 Gone, in either form)."""
-        params = {"watch": "true", "resourceVersion": version, "timeoutSeconds": "1"}
+    def replayable_events(self, version: str) -> int | None:
+        """How many pod events a watch from ``version`` replays (what the watch cache holds after
+        it), or None when the API server answers 410 Gone (in either form)."""
+        params = {"watch": "true", "resourceVersion": version, "timeoutSeconds": "2"}
+        events = 0
         with self.client.stream("GET", "/api/v1/pods", params=params) as response:
             if response.status_code == 410:
-                return False
+                return None
             response.raise_for_status()
             for line in response.iter_lines():
-                if line.strip():
-                    event = json.loads(line)
-                    return not (event["type"] == "ERROR" and event["object"].get("code") == 410)
-        return True
+                if not line.strip():
+                    continue
+                event = json.loads(line)
+                if event["type"] == "ERROR" and event["object"].get("code") == 410:
+                    return None
+                if event["type"] != "BOOKMARK":
+                    events += 1
+        return events
+
+    def resumable(self, version: str) -> bool:
+        return self.replayable_events(version) is not None
 
 
 def barrier_seconds(plane: ControlPlane, rounds: int) -> list[float]:
@@ -133,20 +142,28 @@ def resume_window(api: Api, pods_per_s: float, max_s: float) -> dict[str, Any]:
         if pods_per_s:
             time.sleep(min(90.0, max_s / 4))  # let the cache size itself to this rate first
         version = api.pods_version()
+        created_before = created[0]
         taken = time.monotonic()
-        last_ok_s = 0.0
+        last_ok_s, last_events = 0.0, 0
         while time.monotonic() - taken < max_s:
             time.sleep(PROBE_EVERY_S)
             elapsed_s = time.monotonic() - taken
-            if not api.resumable(version):
+            events = api.replayable_events(version)
+            if events is None:
                 return {
                     "pods_per_s": pods_per_s,
-                    "pods_created": created[0],
+                    "pods_created_since": created[0] - created_before,
                     "resumable_s": round(last_ok_s, 1),
+                    "events_replayed_at_last_resume": last_events,
                     "gone_at_s": round(elapsed_s, 1),
                 }
-            last_ok_s = elapsed_s
-    return {"pods_per_s": pods_per_s, "pods_created": created[0], "resumable_s": round(last_ok_s, 1)}
+            last_ok_s, last_events = elapsed_s, events
+    return {
+        "pods_per_s": pods_per_s,
+        "pods_created_since": created[0] - created_before,
+        "resumable_s": round(last_ok_s, 1),
+        "events_replayed_at_last_resume": last_events,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:

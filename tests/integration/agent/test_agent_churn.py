@@ -360,7 +360,8 @@ def test_agents_killed_at_random_moments_emit_identical_ids_and_totals(
 
 
 # How long the agent stays down while its pods end; within the API server's watch-cache history
-# (docs/metering.md, "Agent restarts"), so their final states are still there to resume from.
+# (docs/metering.md, "How long an agent may be away": here the cache holds every event of the
+# outage), so their final states are still there to resume from.
 AGENT_DOWN_S = 90
 
 
