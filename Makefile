@@ -18,7 +18,7 @@ $(BIN)/kubemeter: pyproject.toml
 
 setup: $(BIN)/kubemeter ## create .venv with kubemeter and its test tools
 
-tools: ## apt packages (runc, busybox-static, prometheus, openssl) if root, then the Go test binaries (cached)
+tools: ## apt packages (runc, busybox-static, openssl, chromium, Java, Maven) if root, then the Go test binaries and Prometheus (cached)
 	-tools/system-packages.sh
 	tools/build.sh
 

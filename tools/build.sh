@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds the test-infrastructure binaries (control plane, kwok, helm, kubeconform, and the real
-# node: kubelet, containerd + ctr + shim, CNI plugins, pause) from the wrapper Go modules in
+# Builds the test-infrastructure binaries (control plane, kwok, helm, kubeconform, the real node:
+# kubelet, containerd + ctr + shim, CNI plugins, pause; Prometheus) from the wrapper Go modules in
 # tools/*/ into a cache outside the clone, keyed by each module's go.mod, go.sum and own sources,
 # then fetches the Kafka broker's jars (tools/kafka/fetch.sh).
 # Idempotent: a binary whose key is already built is reused, so a warm run takes seconds.
@@ -89,5 +89,12 @@ tags="no_btrfs,no_devmapper,no_zfs,no_aufs,urfave_cli_no_docs" build containerd 
 build cni "-s -w" github.com/containernetworking/plugins/plugins/main/loopback \
   github.com/containernetworking/plugins/plugins/main/tap github.com/containernetworking/plugins/plugins/ipam/host-local
 build pause "-s -w" kubemeter.invalid/tools/pause
+# Prometheus, the real server the Prometheus-source tests scrape with (tests/plugins/prometheus.py).
+# remove_all_sd keeps only static, file and HTTP service discovery (the tests use static targets;
+# the cloud SDKs would double the build); no embedded web UI (the tests use the HTTP API only).
+prometheus_version=$(sed -n 's#^[[:space:]]*github.com/prometheus/prometheus v0\.\([0-9]*\)\([0-9][0-9]\)\.\([0-9]*\).*#\1.\2.\3#p' "$here/prometheus/go.mod")
+tags=remove_all_sd build prometheus \
+  "-s -w -X github.com/prometheus/common/version.Version=$prometheus_version -X github.com/prometheus/common/version.Branch=kubemeter-tools" \
+  github.com/prometheus/prometheus/cmd/prometheus
 "$here/kafka/fetch.sh"  # the Kafka broker's jars (Maven Central, no Go)
 echo "tools ready in $bin ($((SECONDS - started)) s)" >&2

@@ -1,6 +1,5 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests run (apt, only what is missing; needs root):
-#   prometheus       the Prometheus source tests
 #   openssl          the test control plane's keys and certificates
 #   runc             the real node's OCI runtime (testbed/realnode.py)
 #   busybox-static   the real node's test image (testbed/images.py)
@@ -11,7 +10,6 @@
 #   tools/system-packages.sh --check  only say what is missing (exit 1 if anything is)
 set -euo pipefail
 need=()
-command -v prometheus >/dev/null || need+=(prometheus)
 command -v openssl >/dev/null || need+=(openssl)
 [ -x /usr/sbin/runc ] || need+=(runc)
 command -v chromium >/dev/null || need+=(chromium fonts-dejavu-core)

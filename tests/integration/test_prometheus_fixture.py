@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
 import threading
 import urllib.parse
 import urllib.request
@@ -10,8 +13,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from testbed.controlplane import wait_for
-from tests.plugins.prometheus import PrometheusFactory
+from testbed.controlplane import REPO_ROOT, tools_bin_dir, wait_for
+from tests.plugins.prometheus import PrometheusFactory, prometheus_binary
+from tests.support.ci import unavailable
 
 pytestmark = pytest.mark.prometheus
 
@@ -45,3 +49,19 @@ def test_prometheus_scrapes_the_target_the_test_supplies(prometheus_server: Prom
         assert wait_for(value, timeout_s=30, what="the first scrape") == "42"
     finally:
         exporter.shutdown()
+
+
+def test_make_test_runs_the_prometheus_built_from_its_go_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A bare machine has no prometheus package: tools/build.sh builds the version tools/prometheus pins.
+    monkeypatch.delenv("KUBEMETER_PROMETHEUS", raising=False)
+    built = tools_bin_dir() / "prometheus"
+    if not os.access(built, os.X_OK):
+        unavailable(f"prometheus is missing in {tools_bin_dir()}; run tools/build.sh (make tools)")
+    assert prometheus_binary() == str(built)
+    go_mod = (REPO_ROOT / "tools" / "prometheus" / "go.mod").read_text()
+    # Prometheus 3.16.0 is the Go module version v0.316.0.
+    found = re.search(r"github.com/prometheus/prometheus v0\.(\d+)(\d\d)\.(\d+)", go_mod)
+    assert found is not None
+    pinned = f"{found[1]}.{int(found[2])}.{found[3]}"
+    version = subprocess.run([str(built), "--version"], capture_output=True, text=True, check=True).stdout
+    assert version.startswith(f"prometheus, version {pinned} "), version

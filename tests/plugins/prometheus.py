@@ -1,4 +1,5 @@
-"""pytest plugin: a real Prometheus server (Debian's ``prometheus`` package) on loopback.
+"""pytest plugin: a real Prometheus server on loopback (the one ``tools/build.sh`` builds from its Go
+module, else ``prometheus`` on PATH).
 
 ``prometheus_server(scrape_configs)`` starts one with the scrape configuration the test supplies and
 returns its base URL; every server started is stopped after the test.
@@ -20,14 +21,17 @@ from typing import Any
 
 import pytest
 
-from testbed.controlplane import free_port
+from testbed.controlplane import free_port, tools_bin_dir
 from tests.support.ci import unavailable
 
 PrometheusFactory = Callable[..., str]
 
 
 def prometheus_binary() -> str | None:
-    return os.environ.get("KUBEMETER_PROMETHEUS") or shutil.which("prometheus")
+    if "KUBEMETER_PROMETHEUS" in os.environ:
+        return os.environ["KUBEMETER_PROMETHEUS"]
+    built = tools_bin_dir() / "prometheus"
+    return str(built) if os.access(built, os.X_OK) else shutil.which("prometheus")
 
 
 @pytest.fixture
@@ -37,7 +41,7 @@ def prometheus_server(tmp_path: Path) -> Iterator[PrometheusFactory]:
     def start(scrape_configs: list[dict[str, Any]], scrape_interval_s: float = 1.0) -> str:
         binary = prometheus_binary()
         if binary is None:
-            unavailable("prometheus is not installed (apt-get install prometheus)")
+            unavailable(f"prometheus is missing in {tools_bin_dir()}; run tools/build.sh (make tools)")
         port = free_port()
         config = {
             "global": {
