@@ -44,6 +44,8 @@ INGEST_TOKEN = "ingest-token"
 # The gateway's pod limit is 512Mi; the whole suite (three gzip bombs at once included) must stay
 # far below it, as must the local billing API.
 PEAK_MEMORY_MIB = 256
+# The most the API server's resident memory may grow while it refuses the bad custom resources.
+API_SERVER_GROWTH_MIB = 128
 
 
 def http(
@@ -657,6 +659,9 @@ def crds(cluster: ControlPlane) -> None:
 def test_the_api_server_refuses_every_bad_resource_naming_the_field_and_keeps_serving(
     cluster: ControlPlane, crds: None, namespace: str
 ) -> None:
+    (apiserver,) = [c for c in cluster.components if c.name == "kube-apiserver"]
+    assert apiserver.process is not None
+    rss_before_mib, _ = memory_mib(apiserver.process.pid)
     documents = [manifest for _, manifest, _ in CRD_CASES]
     documents.append(_kind("Meter", "valid-beside-the-bad", METER))
     result = cluster.kubectl(
@@ -674,3 +679,9 @@ def test_the_api_server_refuses_every_bad_resource_naming_the_field_and_keeps_se
     )
     assert [item["metadata"]["name"] for item in kinds["items"]] == ["valid-beside-the-bad"]
     assert cluster.kubectl("get", "--raw", "/readyz").stdout.strip() == "ok"
+    # The API server (shared by the session, so its own peak says little) grew by no more than a
+    # small fraction of its size while refusing them.
+    assert apiserver.process.poll() is None
+    rss_after_mib, _ = memory_mib(apiserver.process.pid)
+    print(f"kube-apiserver RSS {rss_before_mib:.0f} MiB before the bad resources, {rss_after_mib:.0f} after")
+    assert rss_after_mib - rss_before_mib < API_SERVER_GROWTH_MIB
