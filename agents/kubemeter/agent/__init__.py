@@ -50,7 +50,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def run(argv: Sequence[str]) -> int:
-    from kubemeter.agent.memory import limit_malloc_arenas
+    from kubemeter.agent.memory import limit_malloc_arenas, skip_unused_modules
+
+    skip_unused_modules()
     from kubemeter.agent.runtime import Agent
 
     limit_malloc_arenas()

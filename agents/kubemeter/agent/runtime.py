@@ -160,7 +160,7 @@ class Agent:
         await pods.synced.wait()
         await namespaces.synced.wait()
         self.apply_meters(self.config)
-        release_freed_memory()  # the first LIST and the CEL parser's tables are garbage now
+        release_freed_memory()  # the first LIST is garbage now, the CEL parser no longer needed
         background.append(asyncio.create_task(self._watch_config(), name="config"))
         await self._housekeeping()
 
@@ -286,6 +286,7 @@ class Agent:
                 log.error("new configuration in %s refused, keeping the old one: %s", self.config_path, error)
             else:
                 self.config = config
+                release_freed_memory()  # a reload may have built the CEL parser again
                 self.telemetry.config_reloads.labels("applied").inc()
                 log.info("configuration reloaded: %d meters", len(config.meters))
             self.config_text = text

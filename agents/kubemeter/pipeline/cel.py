@@ -140,6 +140,21 @@ def _environment() -> Any:
     return celpy.Environment(runner_class=BudgetedRunner)
 
 
+def release_parser() -> None:
+    """Drop the CEL parser; programs already compiled keep working, the next compile builds it anew.
+
+    Compiled programs walk their own parse trees, but celpy keeps its parser (the LALR tables) in a
+    class attribute for ever: 4.5 MiB of an agent's RSS once built (52.7 -> 57.2 MiB; 1.2 MiB of it
+    comes back after gc and malloc_trim, the rest stays in reused heap). Rebuilding it for a config
+    reload takes about 0.3 s.
+    """
+    if _environment.cache_info().currsize:
+        from celpy.celparser import CELParser
+
+        CELParser.CEL_PARSER = None
+        _environment.cache_clear()
+
+
 def compile_program(text: str) -> Any:
     """A celpy program with the step budget; raises celpy's CELParseError."""
     environment = _environment()

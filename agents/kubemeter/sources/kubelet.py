@@ -9,7 +9,6 @@ flagged gap. The kubelet authorises ``/stats/*`` as ``nodes/stats`` (not the bro
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import ssl
@@ -19,6 +18,7 @@ from decimal import Decimal
 from typing import Any, Literal
 
 import httpx
+import msgspec
 
 from kubemeter.metering.counters import CounterSample, counter_delta, first_delta, spread
 from kubemeter.metering.gauges import GaugeSample, integrate_gauge
@@ -79,18 +79,57 @@ class PodCounter:
         return [self.last_time_ms, self.last_value, self.counter_start_ms, self.last_polled_ms]
 
 
-def parse_summary(body: str) -> dict[str, tuple[str, str, Mapping[str, Any]]]:
+# Only the fields metering reads: msgspec decodes straight into these and never builds the rest of
+# the summary (containers, network, volumes, filesystems). The stdlib json.loads of a real kubelet's
+# summary built every field as Python objects, for each poll, beside the body as bytes and as text.
+class _PodRef(msgspec.Struct):
+    uid: str
+    namespace: str = ""
+    name: str = ""
+
+
+class _CpuStats(msgspec.Struct, rename="camel"):
+    time: str | None = None
+    usage_core_nano_seconds: int | None = None
+
+
+class _MemoryStats(msgspec.Struct, rename="camel"):
+    time: str | None = None
+    working_set_bytes: int | None = None
+
+
+class _PodStats(msgspec.Struct, rename="camel"):
+    pod_ref: _PodRef
+    start_time: str | None = None
+    cpu: _CpuStats | None = None
+    memory: _MemoryStats | None = None
+
+
+class _Summary(msgspec.Struct):
+    pods: list[_PodStats]
+
+
+_decode_summary = msgspec.json.Decoder(_Summary).decode
+
+
+def _stats(pod: _PodStats) -> dict[str, Any]:
+    stats: dict[str, Any] = {"startTime": pod.start_time}
+    if pod.cpu is not None:
+        stats["cpu"] = {"time": pod.cpu.time, "usageCoreNanoSeconds": pod.cpu.usage_core_nano_seconds}
+    if pod.memory is not None:
+        stats["memory"] = {"time": pod.memory.time, "workingSetBytes": pod.memory.working_set_bytes}
+    return stats
+
+
+def parse_summary(body: bytes | str) -> dict[str, tuple[str, str, Mapping[str, Any]]]:
     """uid -> (namespace, name, pod stats); raises :class:`KubeletStatsError` on garbage."""
     try:
-        summary = json.loads(body)
-        pods = summary["pods"]
-        return {
-            pod["podRef"]["uid"]: (pod["podRef"]["namespace"], pod["podRef"]["name"], pod) for pod in pods
-        }
-    except (ValueError, KeyError, TypeError) as error:
+        summary = _decode_summary(body)
+    except msgspec.MsgspecError as error:
         raise KubeletStatsError(
             f"the kubelet's /stats/summary is not the expected JSON ({type(error).__name__}: {error})"
         ) from error
+    return {pod.pod_ref.uid: (pod.pod_ref.namespace, pod.pod_ref.name, _stats(pod)) for pod in summary.pods}
 
 
 class KubeletPoller:
@@ -139,18 +178,20 @@ class KubeletPoller:
                 log.warning("%s; retrying", reason)
                 await asyncio.sleep(backoff.next_delay_s())
 
-    async def _fetch(self) -> str:
+    async def _fetch(self) -> bytes:
         token = self.token()
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         response = await self.client.get(self.stats_url(), headers=headers)
-        body = response.text
+        body = response.content  # decoded as bytes: response.text would be a second copy
         if response.status_code in (401, 403):
             raise KubeletStatsError(
                 f"kubelet refused /stats/summary ({response.status_code}); grant the agent's "
                 "ServiceAccount get on nodes/stats"
             )
         if response.status_code >= 400:
-            raise KubeletStatsError(f"kubelet answered {response.status_code}: {body[:200]}")
+            raise KubeletStatsError(
+                f"kubelet answered {response.status_code}: {body[:200].decode(errors='replace')}"
+            )
         return body
 
 
