@@ -1,8 +1,9 @@
 """The one place the operator talks to the Kubernetes API (besides kopf's own watching).
 
-Children are written with server-side apply, but only when their content changed: each carries the
-hash of what was applied, and an equal hash means no request at all (no update storms, and
-resourceVersions stay still when nothing changed)."""
+Children are written with server-side apply. Each carries the hash of what was applied; between
+resyncs an equal remembered hash means no request at all (no update storms). A resync forgets the
+hashes and applies every child again: the API server writes nothing where nothing differs (the
+resourceVersion stays still), and reverts an edit of the operator's fields where something does."""
 
 from __future__ import annotations
 
@@ -54,6 +55,10 @@ def object_path(api_version: str, kind: str, namespace: str | None, name: str | 
     prefix, plural, namespaced = RESOURCE_PATHS[(api_version, kind)]
     path = f"{prefix}/namespaces/{namespace}/{plural}" if namespaced else f"{prefix}/{plural}"
     return f"{path}/{name}" if name else path
+
+
+def _version(obj: Any) -> str | None:
+    return ((obj or {}).get("metadata") or {}).get("resourceVersion")
 
 
 def with_hash(manifest: Manifest) -> tuple[Manifest, str]:
@@ -128,15 +133,19 @@ class KubeApi:
                 return False
         current = self.get(path)
         stored = ((current or {}).get("metadata", {}).get("annotations") or {}).get(APPLIED_HASH_ANNOTATION)
-        written = stored != digest
+        answer = self.request(
+            "PATCH",
+            path,
+            body=json.dumps(stamped),
+            content_type="application/apply-patch+yaml",
+            query={"fieldManager": FIELD_MANAGER, "force": "true"},
+        )
+        # A matching hash says what was last applied, not what is stored now: an edit (kubectl edit,
+        # another controller) leaves the annotation as it was. So the apply is sent anyway; the API
+        # server writes nothing when nothing differs (the resourceVersion stays), else the edit of
+        # the fields the operator owns is reverted.
+        written = stored != digest or _version(answer) != _version(current)
         if written:
-            self.request(
-                "PATCH",
-                path,
-                body=json.dumps(stamped),
-                content_type="application/apply-patch+yaml",
-                query={"fieldManager": FIELD_MANAGER, "force": "true"},
-            )
             CHILD_WRITES.labels(kind=manifest["kind"]).inc()
         with self._lock:
             self._applied[path] = digest

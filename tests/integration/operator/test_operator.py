@@ -4,6 +4,7 @@ without writes, and deletion per buffer.onDelete."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -216,6 +217,68 @@ def test_operator_restart_converges_without_writes(
     wait_for(lambda: marker in operator.log_text()[start:], timeout_s=30, what="a quiet resync after restart")
     assert resource_versions(cluster, namespace) == before
     assert f"namespace {namespace} reconciled: 0 child writes" in operator.log_text()[start:]
+
+
+EDITOR_SCRIPT = """\
+import json, sys, yaml
+path = sys.argv[1]
+obj = yaml.safe_load(open(path))
+if obj["kind"] == "DaemonSet":
+    obj["spec"]["template"]["spec"]["containers"][0]["image"] = "edited.invalid/agent:by-hand"
+else:
+    obj["data"]["agent.yaml"] = "edited: by hand\\n"
+yaml.safe_dump(obj, open(path, "w"))
+seen = {"kind": obj["kind"], "annotations": obj["metadata"].get("annotations") or {}}
+open(path.rsplit("/", 1)[0] + "/../seen-" + obj["kind"], "w").write(json.dumps(seen))
+"""
+
+
+def test_a_kubectl_edit_of_a_child_is_reverted_at_the_next_resync(
+    cluster: ControlPlane,
+    operator: OperatorProcess,
+    namespace: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An edit leaves the applied-hash annotation as it was; the resync must not trust it."""
+    apply_example(cluster, namespace)
+    wait_ready(cluster, namespace, "collector", COLLECTOR)
+    quiet = f"namespace {namespace} reconciled: 0 child writes (refresh=True)"
+    start = len(operator.log_text())
+    wait_for(lambda: quiet in operator.log_text()[start:], timeout_s=30, what="a quiet resync")
+    daemonset_before = get(cluster, "-n", namespace, "daemonset", f"{COLLECTOR}-agent")
+    image = daemonset_before["spec"]["template"]["spec"]["containers"][0]["image"]
+    config_before = get(cluster, "-n", namespace, "configmap", f"{COLLECTOR}-config")
+    hash_key = "kubemeter.io/applied-hash"
+
+    editor = tmp_path / "editor.py"
+    editor.write_text(EDITOR_SCRIPT)
+    edits = tmp_path / "edits"
+    edits.mkdir()
+    monkeypatch.setenv("KUBE_EDITOR", f"{sys.executable} {editor}")
+    monkeypatch.setenv("TMPDIR", str(edits))  # kubectl writes the file it opens there
+    for kind, name in (("daemonset", f"{COLLECTOR}-agent"), ("configmap", f"{COLLECTOR}-config")):
+        answer = cluster.kubectl("edit", "-n", namespace, kind, name).stdout
+        assert "edited" in answer, answer
+    # What kubectl edit read and wrote back: the hash annotation untouched.
+    for kind, before in (("DaemonSet", daemonset_before), ("ConfigMap", config_before)):
+        seen = json.loads((tmp_path / f"seen-{kind}").read_text())
+        assert seen["annotations"][hash_key] == before["metadata"]["annotations"][hash_key]
+
+    def reverted() -> bool:
+        daemonset = get(cluster, "-n", namespace, "daemonset", f"{COLLECTOR}-agent")
+        config = get(cluster, "-n", namespace, "configmap", f"{COLLECTOR}-config")
+        return (
+            daemonset["spec"]["template"]["spec"]["containers"][0]["image"] == image
+            # two new generations: the edit, then the operator's apply
+            and daemonset["metadata"]["generation"] >= daemonset_before["metadata"]["generation"] + 2
+            and config["data"]["agent.yaml"] == config_before["data"]["agent.yaml"]
+            and config["metadata"]["resourceVersion"] != config_before["metadata"]["resourceVersion"]
+        )
+
+    wait_for(reverted, timeout_s=30, what="the resync to revert both edits")
+    start = len(operator.log_text())
+    wait_for(lambda: quiet in operator.log_text()[start:], timeout_s=30, what="a quiet resync after it")
 
 
 def manifests(*objects: tuple[str, str, dict[str, Any]]) -> str:
