@@ -6,12 +6,10 @@ with a random shape, node and lifetime, and deletes them when their lifetime is 
 answers with the pod as stored: ``PodScheduled`` (bound) and ``deletionTimestamp - grace`` (released)
 are read from it, and nothing of the agents is consulted.
 
-A pod is deleted only while the agent of its node runs and its pod watch is up. kwok removes a
-deleted pod at once, so a deletion the agent did not see would be a pod that *vanished* unobserved,
-which kubemeter bills up to the last moment it knew of the pod and flags ``complete: false`` (see
-docs/metering.md, "Missing data"); the suite measures the faults, not that documented limit. A real
-kubelet keeps a deleted pod Terminating until its containers stop, which gives a restarted agent the
-same chance.
+Deletions go on whatever the agents are doing: while an agent is down, in the second before it is
+killed, while the API server is away (then they wait for it, as any client would). A restarted agent
+resumes its pod watch and the API server's watch cache delivers the final state of every pod that
+ended meanwhile (docs/metering.md, "Checkpoints and restarts"), so each such pod is billed exactly.
 """
 
 from __future__ import annotations
@@ -21,7 +19,7 @@ import random
 import threading
 import time
 import urllib.error
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,10 +36,6 @@ SHAPES: tuple[tuple[dict[str, str], tuple[str, ...]], ...] = (
 )
 MIG_SHAPE = ({"nvidia.com/mig-1g.10gb": "1", "cpu": "1", "memory": "8Gi"}, ("kwok-mig-0",))
 
-# A pod deleted on a node is followed by this much quiet before that node's agent is killed, so the
-# agent has seen the deletion (it arrives on the watch within milliseconds when the machine is idle).
-QUIET_S = 2.0
-
 
 @dataclass
 class ChurnPod:
@@ -56,6 +50,7 @@ class ChurnPod:
     bound_ms: int | None = None
     released_ms: int | None = None
     deleted: bool = False
+    claimed: bool = False  # one thread is deleting it
 
     def life(self) -> PodLife:
         return PodLife(
@@ -76,20 +71,18 @@ Api = Callable[..., Any]
 @dataclass
 class Churn:
     api: Api  # Stack.api: (method, path, body=None) -> JSON
-    agent_watching: Callable[[str], bool]
     customers: dict[str, str]  # namespace -> customer
     live_target: int = 6
     lifetime_s: tuple[float, float] = (3.0, 14.0)
     seed: int = 8
     cohort: str = "setup"
-    paused_nodes: set[str] = field(default_factory=set)  # deletions wait
     retired_nodes: set[str] = field(default_factory=set)  # no new pods
     suspended: bool = False  # no API calls at all (the API server is down)
     creating: bool = True
     allow_mig: bool = False
     pods: list[ChurnPod] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
-    last_deletion_at: dict[str, float] = field(default_factory=dict)  # node -> monotonic
+    deletions_on: dict[str, int] = field(default_factory=dict)  # node -> pods deleted there
     _lock: threading.RLock = field(default_factory=threading.RLock)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -112,25 +105,20 @@ class Churn:
         with self._lock:
             self.cohort = cohort
 
-    @contextlib.contextmanager
-    def quiet(self, nodes: Iterable[str]) -> Iterator[None]:
-        """No deletions on ``nodes`` inside the block; on entry, wait until the last one there is
-        ``QUIET_S`` old (so that node's agent has seen it)."""
-        chosen = set(nodes)
+    def end_one_on(self, node: str) -> ChurnPod | None:
+        """Delete one live pod of the current cohort on ``node`` now (the moment before a kill)."""
         with self._lock:
-            self.paused_nodes |= chosen
-        try:
-            while True:
-                with self._lock:
-                    latest = max((self.last_deletion_at.get(n, 0.0) for n in chosen), default=0.0)
-                wait_s = latest + QUIET_S - time.monotonic()
-                if wait_s <= 0:
-                    break
-                time.sleep(wait_s)
-            yield
-        finally:
-            with self._lock:
-                self.paused_nodes -= chosen
+            live = [
+                p
+                for p in self.pods
+                if p.node == node and not p.deleted and not p.claimed and p.end_at != float("inf")
+            ]
+            if not live or self.suspended:
+                return None
+            pod = self.random.choice(live)
+            pod.claimed = True
+        self._delete(pod)
+        return pod if pod.deleted else None
 
     @contextlib.contextmanager
     def suspend(self) -> Iterator[None]:
@@ -186,16 +174,15 @@ class Churn:
     def _tick(self) -> None:
         now = time.monotonic()
         with self._lock:
-            due = [p for p in self.pods if not p.deleted and p.end_at <= now]
+            due = [p for p in self.pods if not p.deleted and not p.claimed and p.end_at <= now]
             live = [p for p in self.pods if not p.deleted and p.cohort == self.cohort]
             creating = self.creating
         for pod in due:
             with self._lock:
-                if pod.node in self.paused_nodes or self.suspended:
+                if self.suspended or pod.deleted or pod.claimed:
                     continue
-                if not self.agent_watching(pod.node):
-                    continue
-                self._delete(pod)
+                pod.claimed = True
+            self._delete(pod)
         if creating and len(live) < self.live_target:
             shape, nodes = self._shape()
             choices = [n for n in nodes if n not in self.retired_nodes]
@@ -257,12 +244,15 @@ class Churn:
             deleted = self.api("DELETE", path)
         except urllib.error.HTTPError as error:
             if error.code != 404:
+                pod.claimed = False  # the next tick tries again
                 raise
             # Deleted by someone else (it should not be): nothing recorded its release here.
             self.errors.append(f"{pod.name} was already gone when its lifetime ended")
             pod.deleted = True
             return
-        self.last_deletion_at[pod.node] = time.monotonic()
+        except OSError:
+            pod.claimed = False
+            raise
         self._record(pod, deleted)
 
     def _record(self, pod: ChurnPod, deleted: dict[str, Any]) -> None:
@@ -275,7 +265,9 @@ class Churn:
             self.errors.append(f"{pod.name} ran on {bound_node}, not {pod.node}")
         grace_ms = int(metadata.get("deletionGracePeriodSeconds") or 0) * 1000
         pod.released_ms = parse_time_ms(metadata["deletionTimestamp"]) - grace_ms
-        pod.deleted = True
+        with self._lock:
+            pod.deleted = True
+            self.deletions_on[pod.node] = self.deletions_on.get(pod.node, 0) + 1
 
     def summary(self) -> dict[str, Any]:
         with self._lock:

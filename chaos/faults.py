@@ -8,6 +8,7 @@ checks (the sink's events): recovery conditions are only "the process answers ag
 from __future__ import annotations
 
 import json
+import random
 import re
 import signal
 import sqlite3
@@ -112,23 +113,57 @@ def baseline(run: ChaosRun) -> Evidence:
 
 
 def agent_kill(run: ChaosRun) -> Evidence:
-    """SIGKILL one agent (rotating over the nodes), restart it at once as its DaemonSet would."""
+    """SIGKILL one agent (rotating over the nodes) just after it closed its windows and in the second
+    after one of its pods was deleted; restart it at once as its DaemonSet would."""
     node = run.next_victim()
     agent = run.stack.agent(node)
-    with run.the_churn.quiet([node]):
-        _sleep_until_windows_close()
-        spooled = spooled_events(run, node)
-        killed_at = time.monotonic()
-        agent.kill(signal.SIGKILL)
-        run.stack.start_agent(node)
-        wait_until(lambda: run.stack.agent_watching(node), timeout_s=90, what=f"agent {node} to watch again")
-        back_s = time.monotonic() - killed_at
+    _sleep_until_windows_close()
+    spooled = spooled_events(run, node)
+    ended = run.the_churn.end_one_on(node)
+    time.sleep(random.uniform(0, 0.9))  # the deletion may or may not have reached the agent
+    killed_at = time.monotonic()
+    agent.kill(signal.SIGKILL)
+    run.stack.start_agent(node)
+    wait_until(lambda: run.stack.agent_watching(node), timeout_s=90, what=f"agent {node} to watch again")
+    back_s = time.monotonic() - killed_at
+    just_ended = f"; pod {ended.name} deleted in the second before" if ended else ""
     return {
         "summary": (
-            f"SIGKILL agent on {node} ({spooled} events in its spool); watching again after {back_s:.1f} s"
+            f"SIGKILL agent on {node} ({spooled} events in its spool{just_ended}); watching again "
+            f"after {back_s:.1f} s"
         ),
         "node": node,
         "spooled_at_kill": spooled,
+        "deleted_just_before": ended.name if ended else None,
+        "back_after_s": round(back_s, 1),
+    }
+
+
+def agent_down(run: ChaosRun) -> Evidence:
+    """SIGKILL one agent and keep it down while the churn deletes and creates pods on its node (a
+    node under pressure, an image pull after an OOM); then start it again."""
+    node = run.next_victim()
+    agent = run.stack.agent(node)
+    churn = run.the_churn
+    ended = churn.end_one_on(node)
+    deleted_before = churn.deletions_on.get(node, 0)
+    killed_at = time.monotonic()
+    agent.kill(signal.SIGKILL)
+    run.wait(run.settings.agent_down_s)
+    deleted_while_down = churn.deletions_on.get(node, 0) - deleted_before
+    down_s = time.monotonic() - killed_at
+    run.stack.start_agent(node)
+    wait_until(lambda: run.stack.agent_watching(node), timeout_s=90, what=f"agent {node} to watch again")
+    back_s = time.monotonic() - killed_at
+    return {
+        "summary": (
+            f"SIGKILL agent on {node} (pod {ended.name if ended else '-'} deleted just before), down "
+            f"{down_s:.1f} s while {deleted_while_down} of its pods were deleted; watching again after "
+            f"{back_s:.1f} s"
+        ),
+        "node": node,
+        "down_s": round(down_s, 1),
+        "pods_deleted_while_down": deleted_while_down,
         "back_after_s": round(back_s, 1),
     }
 
@@ -243,13 +278,15 @@ def operator_kill(run: ChaosRun) -> Evidence:
     }
 
 
-def apiserver_restart(run: ChaosRun) -> Evidence:
-    """Stop kube-apiserver (SIGTERM), keep it down, start it again on the same port and storage."""
+def apiserver_down(run: ChaosRun) -> Evidence:
+    """Stop kube-apiserver (SIGTERM), keep it down, start it again on the same port and storage.
+    Nothing can change in the cluster meanwhile (the churn's calls wait); agents and the gateway must
+    stay up and bill on from their caches."""
     apiserver = run.stack.apiserver()
-    with run.the_churn.quiet(run.stack.nodes), run.the_churn.suspend(), run.config_sync_paused():
+    with run.the_churn.suspend(), run.config_sync_paused():
         stopped_at = time.monotonic()
         apiserver.stop()
-        run.wait(run.settings.outage_s)
+        run.wait(run.settings.apiserver_down_s)
         apiserver.start()
         wait_until(run.stack.apiserver_ready, timeout_s=120, what="kube-apiserver to be ready again")
         ready_s = time.monotonic() - stopped_at
@@ -260,13 +297,15 @@ def apiserver_restart(run: ChaosRun) -> Evidence:
 
         wait_until(watching, timeout_s=120, what="every agent's pod watch to be up again")
         watching_s = time.monotonic() - stopped_at
+    pids = {node: run.stack.agent(node).pid for node in run.running_agents()}
     return {
         "summary": (
             f"kube-apiserver down {ready_s:.1f} s (stopped, restarted); every agent's pod watch up "
-            f"again after {watching_s:.1f} s"
+            f"again after {watching_s:.1f} s, no agent restarted"
         ),
         "apiserver_down_s": round(ready_s, 1),
         "agents_watching_after_s": round(watching_s, 1),
+        "agent_pids": pids,
     }
 
 
@@ -426,6 +465,48 @@ def collector_edit(run: ChaosRun) -> Evidence:
     }
 
 
+def rollout_restart(run: ChaosRun) -> Evidence:
+    """A config roll-out with agents restarting in the middle of it: the Collector is edited; one
+    agent is stopped (SIGTERM, as a rolling update does) and started again on the old file before the
+    new ConfigMap reaches the nodes; once it does, another is SIGKILLed (an OOM) as it reloads. Pods
+    of both are deleted in the second before each restart."""
+    churn, stack = run.the_churn, run.stack
+    old = _collector(run)["spec"]["agent"]["intervalSeconds"]
+    new = 2 if old != 2 else 3
+    first, second = run.next_victim(), run.next_victim()
+    started_at = time.monotonic()
+    with run.config_sync_paused():
+        _patch_collector(run, {"agent": {"intervalSeconds": new}})
+        wait_until(lambda: _rendered_interval(run) == new, timeout_s=120, what="the operator to render it")
+        ended_first = churn.end_one_on(first)
+        stack.agent(first).stop(timeout_s=30)
+        stack.start_agent(first)
+        wait_until(lambda: stack.agent_watching(first), timeout_s=90, what=f"agent {first} to watch again")
+        reloads = {node: agent_reloads(run, node) for node in run.running_agents() if node != second}
+    wait_until(
+        lambda: f"intervalSeconds: {new}" in (stack.agent_dirs[second] / "agent.yaml").read_text(),
+        timeout_s=30,
+        what="the new config on the nodes",
+    )
+    ended_second = churn.end_one_on(second)
+    stack.agent(second).kill(signal.SIGKILL)
+    stack.start_agent(second)
+    wait_until(lambda: stack.agent_watching(second), timeout_s=90, what=f"agent {second} to watch again")
+    _wait_agents_reloaded(run, reloads, timeout_s=60)
+    done_s = time.monotonic() - started_at
+    return {
+        "summary": (
+            f"Collector intervalSeconds {old}->{new}; agent on {first} restarted (SIGTERM) before the "
+            f"new config reached it (pod {ended_first.name if ended_first else '-'} deleted just "
+            f"before), agent on {second} SIGKILLed as it arrived (pod "
+            f"{ended_second.name if ended_second else '-'} deleted just before); roll-out done, "
+            f"every other agent reloaded, after {done_s:.1f} s"
+        ),
+        "restarted": [first, second],
+        "rollout_s": round(done_s, 1),
+    }
+
+
 def node_delete(run: ChaosRun) -> Evidence:
     """Delete a Node: its pods end, then its agent is stopped (SIGTERM, as its pod would be)."""
     node = run.node_to_delete
@@ -455,11 +536,13 @@ def node_delete(run: ChaosRun) -> Evidence:
 FAULTS: tuple[Fault, ...] = (
     Fault("baseline", "none (control)", baseline),
     Fault("agent-kill", "agent SIGKILL", agent_kill),
+    Fault("agent-down", "agent down while pods end", agent_down),
     Fault("gateway-kill", "gateway SIGKILL", gateway_kill),
     Fault("operator-kill", "operator SIGKILL", operator_kill),
-    Fault("apiserver-restart", "API server restart", apiserver_restart),
+    Fault("apiserver-down", "API server down", apiserver_down),
     Fault("sink-outage", "billing API outage", sink_outage),
     Fault("full-volume", "full PV", full_volume),
     Fault("collector-edit", "Collector edited", collector_edit),
+    Fault("rollout-restart", "agents restarted in a roll-out", rollout_restart),
     Fault("node-delete", "node deleted", node_delete),
 )

@@ -56,14 +56,27 @@ VOLUME_BYTES = 4 * 2**20  # the gateway's PV when a tmpfs can be mounted; else b
 class Settings:
     phase_s: float  # churn time per fault, injection and recovery included
     lead_s: float  # churn before the fault is injected
-    outage_s: float  # how long the API server and the billing API stay down
+    outage_s: float  # how long the billing API (and the operator, half of it) stays down
     live_target: int  # pods of the current cohort alive at once
     lifetime_s: tuple[float, float]
+    agent_down_s: float  # how long one agent stays down while its pods end
+    apiserver_down_s: float
     agent_kills: int = 1
 
 
-SHORT = Settings(phase_s=14, lead_s=4, outage_s=6, live_target=6, lifetime_s=(3, 11))
-FULL = Settings(phase_s=45, lead_s=10, outage_s=20, live_target=10, lifetime_s=(3, 40), agent_kills=3)
+SHORT = Settings(
+    phase_s=14, lead_s=4, outage_s=6, live_target=6, lifetime_s=(3, 11), agent_down_s=10, apiserver_down_s=8
+)
+FULL = Settings(
+    phase_s=45,
+    lead_s=10,
+    outage_s=20,
+    live_target=10,
+    lifetime_s=(3, 40),
+    agent_down_s=90,
+    apiserver_down_s=120,
+    agent_kills=3,
+)
 
 # Pods that live through every fault; the one on kwok-gpu-1 ends when that node is deleted.
 LONG_LIVED = (
@@ -170,7 +183,6 @@ class ChaosRun:
         threading.Thread(target=self._sync_configs, name="configmap-sync", daemon=True).start()
         self.churn = Churn(
             api=stack.api,
-            agent_watching=stack.agent_watching,
             customers=CUSTOMERS,
             live_target=self.settings.live_target,
             lifetime_s=self.settings.lifetime_s,
