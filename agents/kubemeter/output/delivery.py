@@ -103,6 +103,11 @@ class RecordSink(Protocol):
 
     async def produce(self, events: Sequence[QueuedEvent], request: Any) -> Verdict: ...
 
+    async def already_written(self, events: Sequence[QueuedEvent]) -> set[str]:
+        """Ids of ``events`` the far side already holds (written by a process that died before it
+        could mark them delivered); only ids it found, so a miss can cost a copy, never an event."""
+        ...
+
 
 def retry_after_seconds(headers: Mapping[str, str], *, now_s: float | None = None) -> float | None:
     """Seconds to wait from ``Retry-After`` (seconds or HTTP date) or ``X-RateLimit-Reset``."""
@@ -210,6 +215,7 @@ class DeliveryStatus:
     delivered_events_total: int = 0
     dead_lettered_events_total: int = 0
     retried_requests_total: int = 0
+    found_after_restart_total: int = 0  # queued events a RecordSink found already written at start
     last_error: str | None = None
     paused_reason: str | None = None
     last_delivery_at_s: float | None = None
@@ -259,15 +265,21 @@ class DeliveryCore:
         self._progress = asyncio.Condition()
         self._workers: list[asyncio.Task[None]] = []
         self._client: httpx.AsyncClient | None = None
+        self._recovery: asyncio.Task[None] | None = None
+        self._recovered = asyncio.Event()
 
     async def start(self) -> None:
         self._client = httpx.AsyncClient(
             timeout=self.policy.request_timeout_s,
             limits=httpx.Limits(max_connections=self.policy.max_in_flight),
         )
+        self.queue.rewind()
+        self._recovered.clear()
         if isinstance(self.sink, RecordSink):
             await self.sink.start()
-        self.queue.rewind()
+            self._recovery = asyncio.create_task(self._recover(self.sink), name="deliver-recovery")
+        else:
+            self._recovered.set()
         self._workers = [
             asyncio.create_task(self._work(), name=f"deliver-{self.sink.kind}-{n}")
             for n in range(self.policy.max_in_flight)
@@ -275,6 +287,11 @@ class DeliveryCore:
 
     async def stop(self) -> None:
         """Stop now; events in flight stay queued and are sent again by the next process."""
+        if self._recovery is not None:
+            self._recovery.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._recovery
+            self._recovery = None
         for worker in self._workers:
             worker.cancel()
         for worker in self._workers:
@@ -302,7 +319,41 @@ class DeliveryCore:
 
     # -- the loop ------------------------------------------------------------------------------
 
+    async def _recover(self, sink: RecordSink) -> None:
+        """Before the first send: the oldest queued events are the ones the previous process may
+        have had in flight when it died. A record sink has no idempotency key on the far side
+        across processes (a new Kafka producer id means new sequences), so it looks them up there,
+        and the ones it finds are marked delivered instead of being written a second time."""
+        try:
+            window = self.policy.max_in_flight * min(self.policy.max_batch_events, self.sink.max_batch_events)
+            candidates = await self.queue.lease(window)
+            if not candidates:
+                return
+            started_s = time.monotonic()
+            found = await sink.already_written(candidates)
+            done = [event for event in candidates if event.event_id in found]
+            if done:
+                await self.queue.ack(done)
+                self.status.found_after_restart_total += len(done)
+                await self._notify_progress()
+            log.info(
+                "%d of the %d oldest queued events were already written (by the previous process); "
+                "not sent again (looked up in %.1f s)",
+                len(done),
+                len(candidates),
+                time.monotonic() - started_s,
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # Only costs copies: every queued event is sent as usual.
+            log.exception("could not look up the previous process's records; sending every queued event")
+        finally:
+            self.queue.rewind()
+            self._recovered.set()
+
     async def _work(self) -> None:
+        await self._recovered.wait()
         while True:
             batch = await self._next_batch()
             if batch:

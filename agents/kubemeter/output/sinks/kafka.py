@@ -12,6 +12,10 @@ A batch whose acknowledgement has not come back within ``timeoutSeconds`` is rep
 RETRY_LATER, but its records are not produced again: the next attempt waits on the same
 outstanding records (by event id). Producing them again would write a second copy if the first
 reached the log.
+
+After a restart the broker cannot drop copies (a new process is a new producer id), so before the
+first send :meth:`KafkaSink.already_written` reads the topic from shortly before the oldest queued
+events were stored and the delivery core marks the ones it finds delivered.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from kubemeter.api.collector import KAFKA_TOPIC_PATTERN, KafkaMode, KafkaOutputSpec
 from kubemeter.output.delivery import DeliveryOutcome, UnencodableEvent, Verdict
@@ -46,6 +50,13 @@ _TOPIC = re.compile(KAFKA_TOPIC_PATTERN)
 # is the content-type header).
 _NOT_HEADERS = frozenset({"data", "data_base64", "datacontenttype"})
 _POLL_INTERVAL_S = 0.1
+# The restart look-up (KafkaSink.already_written): records are looked for from this long before the
+# oldest candidate was queued (clock differences between the gateway and a LogAppendTime broker),
+# at most this many records back per partition, within this long in all; past a bound the rest
+# is sent again (a copy at worst).
+_LOOKUP_MARGIN_S = 60.0
+_LOOKUP_RECORDS_PER_PARTITION = 200_000
+_LOOKUP_TIMEOUT_S = 30.0
 
 # What the broker (or librdkafka for it) says about one record, by error code.
 _REFUSED = {
@@ -110,7 +121,6 @@ def producer_config(
 ) -> dict[str, Any]:
     """librdkafka settings for ``output.kafka``: the delivery guarantees are fixed, not options."""
     config: dict[str, Any] = {
-        "bootstrap.servers": ",".join(spec.bootstrap_servers),
         "client.id": client_id,
         "enable.idempotence": True,
         "acks": "all",
@@ -127,6 +137,12 @@ def producer_config(
         "message.max.bytes": 16 * 2**20,
         "socket.keepalive.enable": True,
     }
+    return config | connection_config(spec, files)
+
+
+def connection_config(spec: KafkaOutputSpec, files: KafkaCredentialFiles) -> dict[str, Any]:
+    """Where the brokers are and how to log in (TLS, SASL): the same for producer and consumer."""
+    config: dict[str, Any] = {"bootstrap.servers": ",".join(spec.bootstrap_servers)}
     tls, sasl = spec.tls, spec.sasl
     if sasl is not None:
         config["security.protocol"] = "sasl_ssl" if tls is not None else "sasl_plaintext"
@@ -288,8 +304,8 @@ class KafkaSink:
         self._ensure_producer()
 
     async def stop(self) -> None:
-        """Stop now: records without an acknowledgement stay queued in the gateway and are produced
-        again by the next process (the consumer's key dedupes those few)."""
+        """Stop now: records without an acknowledgement stay queued in the gateway; the next process
+        looks them up in the topic (:meth:`already_written`) and produces the ones it does not find."""
         self._close_producer()
         self._outstanding.clear()
 
@@ -343,6 +359,72 @@ class KafkaSink:
         if self._auth_error is not None:
             return Verdict(DeliveryOutcome.UNAUTHORIZED, self._auth_error, per_event=per_event)
         return Verdict(DeliveryOutcome.RETRY_LATER, self._waiting_reason(), per_event=per_event)
+
+    async def already_written(self, events: Sequence[QueuedEvent]) -> set[str]:
+        """Ids of ``events`` already in their topics: read with a consumer (no group, nothing
+        committed; needs READ on the topic) from shortly before the oldest was queued."""
+        wanted: dict[str, set[str]] = collections.defaultdict(set)
+        for event in events:
+            try:
+                (record,) = self.encode([event])
+            except UnencodableEvent:
+                continue  # dead-lettered when it is sent
+            wanted[record.topic].add(event.event_id)
+        if not wanted:
+            return set()
+        since_ms = int((min(event.enqueued_at_s for event in events) - _LOOKUP_MARGIN_S) * 1000)
+        return await asyncio.to_thread(self._look_up, dict(wanted), since_ms)
+
+    def _look_up(self, wanted: dict[str, set[str]], since_ms: int) -> set[str]:
+        deadline_s = time.monotonic() + _LOOKUP_TIMEOUT_S
+        config = connection_config(self.spec, self.files) | {
+            "group.id": f"{self.client_id}-restart-lookup",  # required; never joined or committed
+            "enable.auto.commit": False,
+            "enable.partition.eof": False,
+            "client.id": f"{self.client_id}-restart-lookup",
+        }
+        consumer = Consumer(config)
+        found: set[str] = set()
+        try:
+            ends: dict[tuple[str, int], int] = {}
+            starts: list[TopicPartition] = []
+            for topic in wanted:
+                partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+                at_time = consumer.offsets_for_times(
+                    [TopicPartition(topic, p, since_ms) for p in partitions], timeout=10
+                )
+                for position in at_time:
+                    low, high = consumer.get_watermark_offsets(
+                        TopicPartition(topic, position.partition), timeout=10
+                    )
+                    start = high if position.offset < 0 else position.offset  # < 0: nothing since
+                    start = max(start, low, high - _LOOKUP_RECORDS_PER_PARTITION)
+                    if start < high:
+                        starts.append(TopicPartition(topic, position.partition, start))
+                        ends[(topic, position.partition)] = high
+            if not starts:
+                return found
+            consumer.assign(starts)
+            while ends and time.monotonic() < deadline_s:
+                for message in consumer.consume(1000, timeout=1.0):
+                    error = message.error()
+                    if error is not None:
+                        if error.code() == KafkaError._PARTITION_EOF:
+                            continue
+                        raise KafkaException(error)  # e.g. no READ on the topic
+                    topic, key = str(message.topic()), message.key()
+                    if isinstance(key, bytes) and key.decode(errors="replace") in wanted.get(topic, ()):
+                        found.add(key.decode())
+                    where = (topic, message.partition() or 0)
+                    if where in ends and (message.offset() or 0) + 1 >= ends[where]:
+                        del ends[where]
+            if ends:
+                log.warning("kafka: restart look-up gave up after %g s; the rest is sent", _LOOKUP_TIMEOUT_S)
+        except KafkaException as error:
+            log.warning("kafka: restart look-up failed (%s); what it did not find is sent", error)
+        finally:
+            consumer.close()
+        return found
 
     def _waiting_reason(self) -> str:
         return (
