@@ -6,7 +6,7 @@ reach the sink, and judges (:mod:`chaos.verdict`) the sink's events against the 
 from the pods' own timestamps: per fault (the pods started during it), events lost, billed twice,
 wrong, flagged, and the largest per-pod error. Prints the table and writes it as JSON.
 
-    python -m chaos.run            # the full form: 45 s per fault, 3 agent kills (about 10 minutes)
+    python -m chaos.run            # the full form: 45 s per fault, 3 agent kills (about 14 minutes)
     python -m chaos.run --short    # each fault once, short: what CI runs (tests/e2e/test_chaos.py)
 """
 
