@@ -206,3 +206,52 @@ async def poll_with_backoff(
             log.exception("source poll failed unexpectedly; retrying")
             unexpected(error)
             await asyncio.sleep(backoff.next_delay_s())
+
+
+class SharedPoller:
+    """A poll loop that every meter of one kind in an agent shares: started by the first meter's
+    :meth:`run`, cancelled with the last. A failed poll is reported and retried with backoff; the
+    loop never dies. Subclasses define :meth:`poll` and :meth:`describe_failure`."""
+
+    task_name = "shared poller"
+    error_source = "poller"
+
+    def __init__(self, poll_interval_s: float, on_error: Callable[[str, BaseException], None]) -> None:
+        self.poll_interval_s = poll_interval_s
+        self.on_error = on_error
+        self.last_error: str | None = None
+        self._users = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def run(self) -> None:
+        self._users += 1
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self.poll_forever(), name=self.task_name)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self._users -= 1
+            if self._users == 0 and self._task is not None:
+                self._task.cancel()
+                self._task = None
+
+    async def poll_forever(self) -> None:
+        backoff = Backoff(initial_s=self.poll_interval_s / 2, max_s=30.0)
+        while True:
+            try:
+                await self.poll()
+                backoff.reset()
+                await asyncio.sleep(self.poll_interval_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # the API answered oddly: report, retry, never die
+                self.last_error = self.describe_failure(error)
+                self.on_error(self.error_source, error)
+                log.warning("%s: %s; retrying", self.task_name, self.last_error)
+                await asyncio.sleep(backoff.next_delay_s())
+
+    async def poll(self) -> None:
+        raise NotImplementedError
+
+    def describe_failure(self, error: BaseException) -> str:
+        return f"{type(error).__name__}: {error}"

@@ -28,7 +28,8 @@ from kubemeter.metering.dra import (
 from kubemeter.metering.intervals import Interval
 from kubemeter.metering.pods import parse_time_ms
 from kubemeter.sources.allocation import held_interval
-from kubemeter.sources.informer import Backoff, Informer, now_ms
+from kubemeter.sources.base import SharedPoller
+from kubemeter.sources.informer import Informer, now_ms
 from kubemeter.sources.kube import KubeApi, KubeApiError
 
 if TYPE_CHECKING:
@@ -53,7 +54,7 @@ def slice_key(obj: Mapping[str, Any]) -> str:
     return str(obj["metadata"]["name"])
 
 
-class NodeDevices:
+class NodeDevices(SharedPoller):
     def __init__(
         self,
         api: KubeApi,
@@ -62,10 +63,9 @@ class NodeDevices:
         poll_interval_s: float,
         on_error: Callable[[str, BaseException], None] = lambda source, error: None,
     ) -> None:
+        super().__init__(poll_interval_s, on_error)
         self.api = api
         self.pods = pods
-        self.poll_interval_s = poll_interval_s
-        self.on_error = on_error
         self.slices = Informer(
             api,
             f"{RESOURCE_API}/resourceslices",
@@ -83,42 +83,21 @@ class NodeDevices:
         self.published: dict[DeviceRef, PublishedDevice] = {}
         self.presence: dict[DeviceRef, Interval] = {}
         self.observed_ms = 0
-        self.last_error: str | None = None
-        self._users = 0
-        self._task: asyncio.Task[None] | None = None
 
     # ---- lifetime: started by the first meter that needs it, stopped with the last --------------
-    async def run(self) -> None:
-        self._users += 1
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._run(), name="dra devices")
-        try:
-            await asyncio.Event().wait()
-        finally:
-            self._users -= 1
-            if self._users == 0 and self._task is not None:
-                self._task.cancel()
-                self._task = None
+    task_name = "dra devices"
+    error_source = "dra"
 
-    async def _run(self) -> None:
+    async def poll_forever(self) -> None:
         watch = asyncio.create_task(self.slices.run(), name="resourceslice watch")
-        backoff = Backoff(initial_s=self.poll_interval_s / 2, max_s=30.0)
         try:
             await self.slices.synced.wait()
-            while True:
-                try:
-                    await self.refresh()
-                    backoff.reset()
-                    await asyncio.sleep(self.poll_interval_s)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as error:  # the API answered oddly: report, retry, never die
-                    self.last_error = f"{type(error).__name__}: {error}"
-                    self.on_error("dra", error)
-                    log.warning("reading ResourceClaims failed: %s; retrying", self.last_error)
-                    await asyncio.sleep(backoff.next_delay_s())
+            await super().poll_forever()
         finally:
             watch.cancel()
+
+    async def poll(self) -> None:
+        await self.refresh()
 
     # ---- one pass ---------------------------------------------------------------------------------
     async def refresh(self) -> None:

@@ -37,10 +37,10 @@ from kubemeter.metering.quantities import parse_quantity_milli
 from kubemeter.metering.sharing import DEVICE_MILLI, union_of
 from kubemeter.metering.windows import Window
 from kubemeter.sources.allocation import held_interval
-from kubemeter.sources.base import PodRecord, Reading
+from kubemeter.sources.base import PodRecord, Reading, SharedPoller
 from kubemeter.sources.dra import DeviceFilter
 from kubemeter.sources.dra_devices import NodeDevices
-from kubemeter.sources.informer import Backoff, Informer, now_ms
+from kubemeter.sources.informer import Informer, now_ms
 from kubemeter.sources.kube import KubeApi, KubeApiError
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ class NodeState:
         return [self.start_ms, self.allocatable, self.cordoned, self.labels]
 
 
-class NodeHistory:
+class NodeHistory(SharedPoller):
     """The agent's node over time: shared by every idle meter of the agent."""
 
     def __init__(
@@ -72,43 +72,19 @@ class NodeHistory:
         poll_interval_s: float,
         on_error: Callable[[str, BaseException], None] = lambda source, error: None,
     ) -> None:
+        super().__init__(poll_interval_s, on_error)
         self.api = api
         self.node_name = node_name
-        self.poll_interval_s = poll_interval_s
-        self.on_error = on_error
         self.uid: str | None = None
         self.states: list[NodeState] = []
         self.removed_ms: int | None = None
         self.observed_ms = 0
-        self.last_error: str | None = None
-        self._users = 0
-        self._task: asyncio.Task[None] | None = None
 
-    async def run(self) -> None:
-        self._users += 1
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._poll_forever(), name="node history")
-        try:
-            await asyncio.Event().wait()
-        finally:
-            self._users -= 1
-            if self._users == 0 and self._task is not None:
-                self._task.cancel()
-                self._task = None
+    task_name = "node history"
+    error_source = "node"
 
-    async def _poll_forever(self) -> None:
-        backoff = Backoff(initial_s=self.poll_interval_s / 2, max_s=30.0)
-        while True:
-            try:
-                await self.poll()
-                backoff.reset()
-                await asyncio.sleep(self.poll_interval_s)
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:
-                self.last_error = f"reading node {self.node_name} failed: {type(error).__name__}: {error}"
-                self.on_error("node", error)
-                await asyncio.sleep(backoff.next_delay_s())
+    def describe_failure(self, error: BaseException) -> str:
+        return f"reading node {self.node_name} failed: {type(error).__name__}: {error}"
 
     async def poll(self) -> None:
         asked_ms = now_ms()
