@@ -55,9 +55,9 @@ crds: setup ## regenerate crds/, the chart's copy and docs/crd-reference.md from
 image: setup ## the Dockerfile's image built without Docker (OCI archive, cached by content hash)
 	$(BIN)/python -m tools.image.build
 
-cluster-up: setup tools ## start the local control plane in the background; kubeconfig in .kube/config
+cluster-up: setup tools ## start the local control plane (kwok nodes, and the real node real-0 when root) in the background; kubeconfig in .kube/config
 	@mkdir -p .state
-	@nohup $(BIN)/python -m testbed.controlplane up > .state/cluster-up.log 2>&1 &
+	@nohup $(BIN)/python -m testbed.controlplane up --real-node > .state/cluster-up.log 2>&1 &
 	@for i in $$(seq 1 240); do \
 	  if grep -q "control plane up" .state/cluster-up.log 2>/dev/null; then cat .state/cluster-up.log; \
 	    echo "try: kubectl --kubeconfig .kube/config get nodes"; exit 0; fi; \

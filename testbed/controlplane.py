@@ -643,7 +643,7 @@ def wait_for(
 # ---- command line: make cluster-up / cluster-down --------------------------------------------------
 
 
-def _up(state: Path, kubeconfig: Path) -> int:
+def _up(state: Path, kubeconfig: Path, real_node: bool = False) -> int:
     if (state / "supervisor.pid").exists():
         print(f"a control plane already runs from {state}; run `make cluster-down` first", file=sys.stderr)
         return 1
@@ -651,6 +651,22 @@ def _up(state: Path, kubeconfig: Path) -> int:
     plane.start()
     plane._write_kubeconfig(kubeconfig)
     (state / "supervisor.pid").write_text(str(os.getpid()))
+    node = None
+    if real_node:
+        from testbed.realnode import RealNode, unavailable_reason  # it imports this module
+
+        reason = unavailable_reason(plane.bin_dir)
+        if reason:
+            print(f"no real node: {reason}", flush=True)
+        else:
+            # It holds the machine's real-node lock while the cluster is up (one real node at a time).
+            node = RealNode(plane, state / "real-node", bin_dir=plane.bin_dir, lock_timeout_s=10)
+            try:
+                node.start()
+                print(f"real node {node.name} Ready in {node.timings_s['start']:.1f} s", flush=True)
+            except ControlPlaneError as error:
+                print(f"no real node: {error}", file=sys.stderr, flush=True)
+                node = None
     print(f"control plane up in {plane.timings_s['start']:.1f} s; kubeconfig: {kubeconfig}", flush=True)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
@@ -659,8 +675,14 @@ def _up(state: Path, kubeconfig: Path) -> int:
         if plane.failed_components():
             print(f"component exited:\n{plane.logs_report()}", file=sys.stderr)
             break
-    plane.stop()
-    (state / "supervisor.pid").unlink(missing_ok=True)
+    try:
+        if node is not None:
+            node.stop()
+            if node.leftovers_after_stop:
+                print(f"the real node left behind: {node.leftovers_after_stop}", file=sys.stderr)
+    finally:
+        plane.stop()
+        (state / "supervisor.pid").unlink(missing_ok=True)
     return 0
 
 
@@ -670,7 +692,7 @@ def _down(state: Path, kubeconfig: Path) -> int:
         pid = int(pid_file.read_text())
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-            for _ in range(150):
+            for _ in range(300):  # the real node's clean-up, then the control plane's
                 os.kill(pid, 0)
                 time.sleep(0.2)
     shutil.rmtree(state, ignore_errors=True)
@@ -684,9 +706,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("action", choices=["up", "down"])
     parser.add_argument("--state", type=Path, default=REPO_ROOT / ".state" / "cluster")
     parser.add_argument("--kubeconfig", type=Path, default=REPO_ROOT / ".kube" / "config")
+    parser.add_argument(
+        "--real-node", action="store_true", help="up: also join the real kubelet node real-0 (root)"
+    )
     args = parser.parse_args(argv)
-    action = _up if args.action == "up" else _down
-    return action(args.state.resolve(), args.kubeconfig.resolve())
+    if args.action == "up":
+        return _up(args.state.resolve(), args.kubeconfig.resolve(), real_node=args.real_node)
+    return _down(args.state.resolve(), args.kubeconfig.resolve())
 
 
 if __name__ == "__main__":

@@ -209,6 +209,13 @@ class GatewayApp:
         stats = self.queue.stats()
         if limits.max_bytes is not None and stats.payload_bytes >= limits.max_bytes:
             return f"the buffer is full: {stats.payload_bytes} of {limits.max_bytes} bytes"
+        refused_bytes = self.queue.refused_batch_bytes
+        if limits.max_bytes is not None and stats.payload_bytes + refused_bytes > limits.max_bytes:
+            # Short of the cap, but the batch last refused for room would be refused again.
+            return (
+                f"the buffer is full: {stats.payload_bytes} of {limits.max_bytes} bytes, no room for "
+                f"the {refused_bytes}-byte batch last refused"
+            )
         if limits.max_age_s is not None and stats.events and stats.oldest_age_s > limits.max_age_s:
             return f"the buffer is full: its oldest event is {stats.oldest_age_s:.0f} s old (retention)"
         return None

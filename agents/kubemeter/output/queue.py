@@ -173,6 +173,9 @@ class DurableQueue:
         self._enqueue_generation = 0  # bumped by every insert, so a lease never misses a wake-up
         self._lease_lock = asyncio.Lock()
         self._has_events = asyncio.Event()
+        # Bytes of the last batch refused under Block for want of room (0 once a batch is stored):
+        # the buffer is full for that sender before it reaches the cap (the gateway's readiness).
+        self.refused_batch_bytes = 0
         self._recount(connection)
         self._worker = SqliteWorker(
             connection,
@@ -286,6 +289,7 @@ class DurableQueue:
                     retry_after_s=5.0,
                 ) from error
             raise
+        self.refused_batch_bytes = 0
         if stored:
             self._has_events.set()
         return stored
@@ -304,6 +308,7 @@ class DurableQueue:
                     f"({limits.max_bytes} bytes); send smaller batches or raise buffer.size"
                 )
             if over_bytes > 0:
+                self.refused_batch_bytes = need_bytes
                 raise QueueFullError(
                     f"the queue at {self.path} holds {held_bytes} of its {limits.max_bytes} bytes; retry "
                     "when deliveries have drained it (or raise the cap: buffer.size on the gateway)"
