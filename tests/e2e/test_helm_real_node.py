@@ -10,11 +10,10 @@ pods on real-0 produce events:
   cgroup CPU counters, read by this test from the cgroup filesystem;
 - PodResources ``List`` answered by the real kubelet to the agent pod.
 
-Three of the five defects of issue 12 are each reproduced first with the old pod settings, then shown
-fixed: the state hostPath, the PodResources socket, and Secrets readable by uid 65532 (the gateway's
-readiness and liveness during a 120 s API-server outage are not here yet: docs/testing.md). Pod
-Security levels are checked by the API server's own admission (server-side dry run in namespaces
-labelled with each level).
+The five defects of issue 12 are each reproduced first with the old pod settings, then shown fixed:
+the state hostPath, the PodResources socket, liveness during a 120 s API-server outage, the gateway's
+readiness, and Secrets readable by uid 65532. Pod Security levels are checked by the API server's own
+admission (server-side dry run in namespaces labelled with each level).
 """
 
 from __future__ import annotations
@@ -61,6 +60,7 @@ BURNERS = {"burner-a": ("50m", "50m"), "burner-b": ("100m", "100m")}
 # at a constant rate each end of a span is off by under 1 s of burn: under 1 s / 150 s = 0.67 %.
 USAGE_SPAN_WINDOWS = 15
 STORAGE_CLASS = "kubemeter-e2e-local"
+OUTAGE_S = 120
 
 
 @dataclass
@@ -118,6 +118,10 @@ def http_ok(url: str) -> bool:
 def ready(pod: dict[str, Any]) -> bool:
     conditions = pod.get("status", {}).get("conditions") or []
     return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+
+def restarts(pod: dict[str, Any]) -> int:
+    return sum(c.get("restartCount", 0) for c in pod.get("status", {}).get("containerStatuses") or [])
 
 
 def start_up_s(pod: dict[str, Any]) -> float:
@@ -970,3 +974,181 @@ def test_pod_security_levels_are_what_the_docs_say_by_the_api_servers_admission(
         "runAsUser=0",
     }, refusal
     assert refusal.count('container "') == refusal.count('container "state-owner"'), refusal
+
+
+def test_gateway_readiness_follows_its_buffer_where_healthz_said_ok(stack: Stack) -> None:
+    gateway = stack.pod("gateway")
+    token = exec_in(
+        stack, stack.pod("agent"), "cat", "/etc/kubemeter/secrets/ingest-token/token"
+    ).stdout.strip()
+    stack.sink.terminate()
+    stack.sink.wait(timeout=20)  # delivery fails from now on; the buffer only grows
+    url = f"http://127.0.0.1:{GATEWAY_PORT}"
+    payload = "x" * 900
+    sent = 0
+    try:
+        for batch in range(200):
+            events = [
+                {
+                    "specversion": "1.0",
+                    "id": f"fill-{batch}-{i}",
+                    "source": "e2e/fill",
+                    "type": "fill",
+                    "subject": "s",
+                    "time": "2026-01-01T00:00:00Z",
+                    "data": {"value": 1, "pad": payload},
+                }
+                for i in range(100)
+            ]
+            request = urllib.request.Request(
+                f"{url}/api/v1/events",
+                data=json.dumps(events).encode(),
+                headers={
+                    "Content-Type": "application/cloudevents-batch+json",
+                    "Authorization": f"Bearer {token}",
+                },
+            )
+            try:
+                urllib.request.urlopen(request, timeout=10)
+                sent += len(events)
+            except urllib.error.HTTPError as error:
+                assert error.code == 503, error.read()
+                break
+        else:
+            pytest.fail("the 4Mi buffer never filled")
+        # the old probe path still answers 200 while the buffer refuses ingest
+        assert urllib.request.urlopen(f"{url}/healthz", timeout=5).status == 200
+        wait_for(
+            lambda: not ready(stack.pod("gateway")), timeout_s=30, what="the full gateway to turn unready"
+        )
+        assert restarts(stack.pod("gateway")) == restarts(gateway)
+    finally:
+        sink_log = (stack.state_dir / "sink.log").open("ab")
+        stack.sink = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "kubemeter_cli",
+                "sink",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                stack.sink_url.rsplit(":", 1)[1],
+                "--data-dir",
+                str(stack.state_dir / "sink"),
+            ],
+            stdout=sink_log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT,
+        )
+    try:
+        wait_for(
+            lambda: ready(stack.pod("gateway")),
+            timeout_s=120,
+            interval_s=1,
+            what="the drained gateway Ready again",
+        )
+    except TimeoutError as error:
+        with urllib.request.urlopen(f"{url}/status", timeout=5) as response:
+            status = response.read().decode()
+        name = stack.pod("gateway")["metadata"]["name"]
+        logs = stack.kubectl("logs", "-n", stack.namespace, name, "--tail=60", check=False)
+        report = f"sent {sent}\nstatus: {status}\n{diagnosis(stack)}\ngateway log:\n{logs}"
+        raise AssertionError(f"{error}\n{report}") from None
+    fill = [e for e in stack.sink_events() if e["type"] == "fill"]
+    assert len({e["eventId"] for e in fill}) == len(fill) == sent
+
+
+def test_api_server_stopped_120_s_restarts_no_agent_and_loses_nothing_where_the_old_probe_restarted(
+    stack: Stack,
+) -> None:
+    agent = stack.pod("agent")
+    # The old probe, reproduced: the same agent with liveness on /healthz, on its own port and state.
+    old = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "agent-old-probes"},
+        "spec": copy.deepcopy(agent["spec"]),
+    }
+    spec = old["spec"]
+    spec.pop("nodeName", None)
+    old_port = free_port()
+    (state_volume,) = [v for v in spec["volumes"] if v["name"] == "state"]
+    state_volume["hostPath"]["path"] += "-old-probes"
+    container = spec["containers"][0]
+    container["args"] = [*container["args"], f"--metrics-port={old_port}"]
+    container["ports"] = [{"name": "metrics", "containerPort": old_port, "protocol": "TCP"}]
+    container.pop("startupProbe")
+    container["livenessProbe"] = {
+        "httpGet": {"path": "/healthz", "port": "metrics"},
+        "periodSeconds": 20,
+        "failureThreshold": 3,
+        "timeoutSeconds": 5,
+        "initialDelaySeconds": 5,
+    }
+    container["readinessProbe"]["httpGet"]["path"] = "/healthz"
+    stack.apply([old], stack.namespace)
+    wait_for(
+        lambda: ready(stack.get("pod", "-n", stack.namespace, "agent-old-probes")),
+        timeout_s=90,
+        what="the old-probe agent Ready",
+    )
+    stack.apply([burner("burner-outage", "100m", "200m")], stack.workloads)
+    wait_for(
+        lambda: stack.get("pod", "-n", stack.workloads, "burner-outage")["status"].get("phase") == "Running",
+        timeout_s=60,
+        what="burner running",
+    )
+    apiserver = next(c for c in stack.plane.components if c.name == "kube-apiserver")
+    outage_started = time.monotonic()
+    apiserver.stop()
+    try:
+        time.sleep(OUTAGE_S)  # the outage itself is the condition under test
+    finally:
+        apiserver.start()
+    wait_for(
+        lambda: stack.plane.kubectl("get", "--raw", "/readyz", check=False).returncode == 0,
+        timeout_s=120,
+        what="the API server back",
+    )
+    print(f"\n[helm on real-0] API server down {time.monotonic() - outage_started:.0f} s")
+    try:
+        new_agent = wait_for(
+            lambda: (p := stack.pod("agent")) and ready(p) and p, timeout_s=120, what="the agent Ready"
+        )
+        assert new_agent["metadata"]["uid"] == agent["metadata"]["uid"] and restarts(new_agent) == restarts(
+            agent
+        )
+        old_pod = wait_for(
+            lambda: restarts(p := stack.get("pod", "-n", stack.namespace, "agent-old-probes")) > 0 and p,
+            timeout_s=60,
+            what="the old-probe agent to have been restarted by its liveness probe",
+        )
+        assert restarts(old_pod) >= 1
+        # nothing lost: every window of the burner through the outage, exactly once and exact
+        burner_pod = stack.get("pod", "-n", stack.workloads, "burner-outage")
+        ends_ms = delete_and_read_end_ms(stack, stack.workloads, ["burner-outage"])
+        expected = expected_allocation(scheduled_ms(burner_pod), ends_ms["burner-outage"], 100)
+        assert len(expected) >= OUTAGE_S // WINDOW_S
+        wait_for(
+            lambda: (
+                set(expected)
+                <= {w for (n, w) in events_of(stack, "cpu-core-seconds") if n == "burner-outage"}
+            ),
+            timeout_s=90,
+            interval_s=1,
+            what="every allocation window of the burner through the outage",
+        )
+        metered = {w: v for (n, w), v in events_of(stack, "cpu-core-seconds").items() if n == "burner-outage"}
+        assert metered == expected
+    finally:
+        stack.kubectl(
+            "delete",
+            "pod",
+            "-n",
+            stack.namespace,
+            "agent-old-probes",
+            "--grace-period=0",
+            "--force",
+            check=False,
+        )

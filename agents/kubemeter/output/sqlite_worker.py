@@ -53,6 +53,10 @@ def open_connection(
         connection.execute("PRAGMA auto_vacuum=INCREMENTAL")
     connection.execute("PRAGMA journal_mode=WAL")
     connection.execute(f"PRAGMA synchronous={synchronous}")
+    # Temporary tables and indices (an IN list of 500 seqs in an ack) in memory: the pods' root
+    # filesystem is read-only with no /tmp, where SQLite's temp files failed every ack with "disk I/O
+    # error" on real-0, so the gateway resent delivered batches and never drained.
+    connection.execute("PRAGMA temp_store=MEMORY")
     return connection
 
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -58,3 +61,35 @@ async def test_an_operation_error_reaches_only_its_caller_and_the_worker_lives_o
     assert worker.alive
     assert await worker.read(lambda c: c.execute("SELECT v FROM t").fetchall()) == [(7,)]
     worker.close()
+
+
+ACK_WITHOUT_TEMP_DIR = """
+import asyncio, json, sys
+from pathlib import Path
+from kubemeter.output.queue import DurableQueue, QueueLimits, QueueRecord
+
+async def main() -> None:
+    queue = await DurableQueue.open(Path(sys.argv[1]) / "queue.db", QueueLimits(max_bytes=64 * 2**20))
+    payload = json.dumps({"pad": "x" * 900}).encode()
+    await queue.enqueue([QueueRecord("s", f"e{i}", payload) for i in range(4000)])
+    await queue.ack(await queue.lease(500))
+    print(queue.stats().events)
+    await queue.close()
+
+asyncio.run(main())
+"""
+
+
+def test_a_queue_acks_without_a_writable_temp_directory(tmp_path: Path) -> None:
+    # The pods' root filesystem is read-only and has no /tmp; SQLite's temp directory here is one
+    # nobody (root included) can create files in. Without temp_store=MEMORY the ack fails.
+    environment = {**os.environ, "SQLITE_TMPDIR": "/proc", "TMPDIR": "/proc"}
+    result = subprocess.run(
+        [sys.executable, "-c", ACK_WITHOUT_TEMP_DIR, str(tmp_path)],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "3500"
