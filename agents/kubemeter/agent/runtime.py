@@ -308,6 +308,7 @@ class Agent:
     async def _housekeeping(self) -> None:
         while True:
             pods = self.world.pods
+            pods.heartbeat()
             # Taken in one go on the loop (the pods and the resume point agree); written off it.
             save = self.store.changed_pods(
                 pods.objects,

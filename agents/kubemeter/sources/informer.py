@@ -61,6 +61,11 @@ def resource_version(obj: Mapping[str, Any]) -> str | None:
     return str(value) if value else None
 
 
+# How long a watch stream must have been open for the heartbeat to say "nothing changed before
+# now minus this": events still in flight on the stream (normally milliseconds) are later than that.
+HEARTBEAT_MARGIN_MS = 250
+
+
 class BookmarkNotSent(Exception):
     """A watch stream ended before the bookmark a barrier waited for."""
 
@@ -137,6 +142,7 @@ class Informer:
     missed_by_barrier: int = 0
     # Set while the watch replays a gap (after a restart or a broken watch): when it began.
     _gap_since_ms: int | None = None
+    _stream_open_since_ms: int | None = None  # while a watch stream is open: since when
     _stream: int = 0
     _restart: asyncio.Event = field(default_factory=asyncio.Event)
     # Futures resolved by the first bookmark of a stream numbered at least the int.
@@ -146,6 +152,20 @@ class Informer:
     def touch(self) -> None:
         if self.healthy:
             self.healthy_through_ms = now_ms()
+
+    def heartbeat(self) -> None:
+        """Advance ``healthy_through_ms`` on a quiet watch: an open stream has delivered every change
+        made more than :data:`HEARTBEAT_MARGIN_MS` ago (the API server sends a watch's events in
+        order and at once). Without it a quiet node's resume point
+        would say only when its last event came, and a pod that vanishes past a 410 would be billed
+        short by all the quiet time since. Not while a gap replays: until its bookmark, the stream
+        may still answer 410 for a resume point the API server no longer has."""
+        if self.healthy and self._stream_open_since_ms is not None and self._gap_since_ms is None:
+            # Whole seconds, as the API server's timestamps: a pod deleted after this moment has a
+            # deletionTimestamp (less its grace) of this second or later, never earlier.
+            through_ms = (now_ms() - HEARTBEAT_MARGIN_MS) // 1000 * 1000
+            if through_ms >= self._stream_open_since_ms:
+                self.healthy_through_ms = max(self.healthy_through_ms, through_ms)
 
     def resume_from(self, resource_version: str | None, objects: Mapping[str, CachedObject]) -> None:
         """Start from a checkpoint: the objects as they were at ``resource_version``."""
@@ -233,16 +253,20 @@ class Informer:
             self.healthy = True
             self.last_error = None
             self.synced.set()
+            self._stream_open_since_ms = now_ms()
 
-        async for event_type, obj in self.api.watch(
-            self.path, self.params, self.resource_version, timeout_s, on_open=opened
-        ):
-            self._apply(event_type, obj)
-            self.resource_version = resource_version(obj) or self.resource_version
-            self.touch()
-            if event_type == "BOOKMARK":
-                log.debug("%s: bookmark %s on stream %d", self.name, self.resource_version, stream)
-                self._bookmarked(stream)
+        try:
+            async for event_type, obj in self.api.watch(
+                self.path, self.params, self.resource_version, timeout_s, on_open=opened
+            ):
+                self._apply(event_type, obj)
+                self.resource_version = resource_version(obj) or self.resource_version
+                self.touch()
+                if event_type == "BOOKMARK":
+                    log.debug("%s: bookmark %s on stream %d", self.name, self.resource_version, stream)
+                    self._bookmarked(stream)
+        finally:
+            self._stream_open_since_ms = None
 
     def _ended_without_bookmark(self, stream: int) -> None:
         """The server ended ``stream`` before a bookmark: it sends one only once its cache is past
