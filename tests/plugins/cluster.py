@@ -44,6 +44,15 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
         _planes.remove(plane)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests on the real node run last, in their own order: once started, real-0 stays joined to
+    the session's cluster, and the tests before it count the kwok nodes (DaemonSet desired, the
+    scheduler's choices)."""
+    on_real_node = [item for item in items if "real_node" in getattr(item, "fixturenames", ())]
+    if on_real_node:
+        items[:] = [item for item in items if item not in on_real_node] + on_real_node
+
+
 @pytest.fixture(scope="session")
 def real_node(cluster: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealNode]:
     reason = unavailable_reason(cluster.bin_dir)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -98,10 +99,20 @@ def allocated_devices(cluster: ControlPlane, namespace: str) -> dict[str, list[s
     }
 
 
-def test_dra_devices_allocated_by_the_scheduler_are_billed_exactly_per_pod(
-    cluster: ControlPlane, namespace: str, tmp_path: Path
-) -> None:
+@pytest.fixture
+def dra_node(cluster: ControlPlane) -> Iterator[str]:
+    """The DRA node and its ResourceSlice, removed after the test: later tests count the nodes."""
     add_node(cluster, NODE, {"cpu": "64", "memory": "512Gi", "pods": "110"}, {"example.com/pool": "dra"})
+    try:
+        yield NODE
+    finally:
+        cluster.kubectl("delete", "resourceslice", f"{NODE}-{DRIVER}", "--ignore-not-found")
+        cluster.kubectl("delete", "node", NODE, "--ignore-not-found")
+
+
+def test_dra_devices_allocated_by_the_scheduler_are_billed_exactly_per_pod(
+    cluster: ControlPlane, namespace: str, dra_node: str, tmp_path: Path
+) -> None:
     device_classes(cluster)
     mig_devices = ["gpu-3-mig-19-0-1", "gpu-3-mig-19-1-1"]
     publish_slice(cluster, NODE, [gpu("gpu-0"), gpu("gpu-1"), gpu("gpu-2"), *(mig(d) for d in mig_devices)])
