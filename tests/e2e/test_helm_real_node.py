@@ -1055,7 +1055,13 @@ def test_gateway_readiness_follows_its_buffer_where_healthz_said_ok(stack: Stack
         logs = stack.kubectl("logs", "-n", stack.namespace, name, "--tail=60", check=False)
         report = f"sent {sent}\nstatus: {status}\n{diagnosis(stack)}\ngateway log:\n{logs}"
         raise AssertionError(f"{error}\n{report}") from None
-    fill = [e for e in stack.sink_events() if e["type"] == "fill"]
+
+    # Ready again means room for a batch, not an empty buffer: the rest is still being delivered.
+    def fill_events() -> list[dict[str, Any]]:
+        return [e for e in stack.sink_events() if e["type"] == "fill"]
+
+    wait_for(lambda: len(fill_events()) >= sent, timeout_s=120, interval_s=1, what="every fill event")
+    fill = fill_events()
     assert len({e["eventId"] for e in fill}) == len(fill) == sent
 
 
