@@ -534,8 +534,8 @@ def stack(
         cluster.kubectl(
             "delete", "pv", f"{stack.namespace}-gateway", "--wait=false", "--ignore-not-found", check=False
         )
-        sink.terminate()
-        sink.wait(timeout=20)
+        stack.sink.terminate()  # the gateway test restarts it: the current one
+        stack.sink.wait(timeout=20)
         sink_log.close()
         print(f"\n[helm on real-0] timings (s): {json.dumps({k: round(v, 1) for k, v in timings.items()})}")
 
