@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -208,7 +209,7 @@ async def poll_with_backoff(
             await asyncio.sleep(backoff.next_delay_s())
 
 
-class SharedPoller:
+class SharedPoller(ABC):
     """A poll loop that every meter of one kind in an agent shares: started by the first meter's
     :meth:`run`, cancelled with the last. A failed poll is reported and retried with backoff; the
     loop never dies. Subclasses define :meth:`poll` and :meth:`describe_failure`."""
@@ -250,8 +251,9 @@ class SharedPoller:
                 log.warning("%s: %s; retrying", self.task_name, self.last_error)
                 await asyncio.sleep(backoff.next_delay_s())
 
+    @abstractmethod
     async def poll(self) -> None:
-        raise NotImplementedError
+        """One read of what the meters share."""
 
     def describe_failure(self, error: BaseException) -> str:
         return f"{type(error).__name__}: {error}"
