@@ -88,7 +88,9 @@ def crds(cluster: ControlPlane) -> None:
     cluster.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
 
 
-@pytest.fixture(scope="session")
+# Stopped after test_operator.py (its only user): the chart's operator, installed later on the cluster
+# (tests/e2e/test_helm_real_node.py), would otherwise reconcile the same Collectors beside it.
+@pytest.fixture(scope="module")
 def operator(
     cluster: ControlPlane, crds: None, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
