@@ -4,7 +4,9 @@
 The suites are a registry: :func:`suites` lists ``bench/yardsticks.py`` and ``bench/accuracy.py``
 first, then every ``bench/bench_*.py`` in name order. A suite is a module with ``ABOUT`` (one line:
 what it measures) and ``run() -> list[dict]`` returning figures ``{name, value, unit, baseline}``;
-adding a file is all it takes to join ``make bench`` (``--only NAME`` runs some). Every figure names
+adding a file is all it takes to join ``make bench`` (``--only NAME`` runs some, and replaces only
+their suites' entries and figures in an existing output: the others stay, each suite with the time it
+ran). Every figure names
 its baseline: a goal, ground truth, a yardstick or the peer's figure measured in the same run. This
 machine is shared and noisy, so read ratios measured side by side, not absolute numbers.
 """
@@ -79,8 +81,29 @@ def add_fractions(figures: list[dict[str, Any]]) -> None:
                     "value": round(by_name[name]["value"] / by_name[yardstick]["value"], 3),
                     "unit": "ratio",
                     "baseline": yardstick,
+                    "suite": by_name[name].get("suite"),
                 }
             )
+
+
+def merge(previous: dict[str, Any], report: dict[str, Any]) -> dict[str, Any]:
+    """``report`` of a partial run laid over the ``previous`` output: the suites it ran, and their
+    figures, replace the old ones; every other suite and figure stays as it was measured. Figures
+    written before they named their suite are matched by group (``agent/...``)."""
+    ran = {s["suite"] for s in report["suites"]}
+    groups = {f["name"].split("/", 1)[0] for f in report["figures"]}
+
+    def stays(figure: dict[str, Any]) -> bool:
+        if "suite" in figure:
+            return figure["suite"] not in ran
+        return figure["name"].split("/", 1)[0] not in groups
+
+    kept = [{"ran_at": previous["ran_at"], **s} for s in previous["suites"] if s["suite"] not in ran]
+    return {
+        **report,
+        "suites": kept + report["suites"],
+        "figures": [f for f in previous["figures"] if stays(f)] + report["figures"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,15 +121,24 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(module_name)
         about = str(getattr(module, "ABOUT", ""))
         print(f"-- {module_name}: {about}", flush=True)
+        suite_started_at = datetime.now(tz=UTC).isoformat()
         try:
             produced = module.run()
             status = "ok"
         except Exception:  # one broken benchmark must not hide the others' figures
             traceback.print_exc()
             produced, status = [], "failed"
-        figures += produced
+        figures += [{**figure, "suite": module_name} for figure in produced]
         seconds = round(time.perf_counter() - started, 1)
-        ran.append({"suite": module_name, "about": about, "status": status, "seconds": seconds})
+        ran.append(
+            {
+                "suite": module_name,
+                "about": about,
+                "status": status,
+                "seconds": seconds,
+                "ran_at": suite_started_at,
+            }
+        )
 
     add_fractions(figures)
     width = max((len(f["name"]) for f in figures), default=10)
@@ -121,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         "suites": ran,
         "figures": figures,
     }
+    if args.only and args.output.exists():
+        report = merge(json.loads(args.output.read_text()), report)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nmachine: {report['machine']}\nwrote {args.output}")

@@ -13,8 +13,10 @@ from bench.run import RESULTS
 
 def markdown(report: dict[str, Any]) -> str:
     machine = report["machine"]
+    # A partial run (--only) keeps the other suites' entries: each says when it ran.
     suites = ", ".join(
         f"{s['suite'].removeprefix('bench.')} {s['status']} {s.get('seconds', 0):.0f} s"
+        + (f" at {s['ran_at'][:16]}Z" if "ran_at" in s else "")
         for s in report["suites"]
     )
     lines = [

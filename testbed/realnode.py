@@ -286,6 +286,7 @@ class RealNode:
     bin_dir: Path = field(default_factory=tools_bin_dir)
     name: str = NAME
     lock_timeout_s: float = 900.0
+    max_pods: int = 20  # the kubelet's own default is 110 (bench/bench_agent.py runs that many)
     timings_s: dict[str, float] = field(default_factory=dict)
     baseline: HostState | None = None
     leftovers_after_stop: list[str] = field(default_factory=list)
@@ -577,7 +578,7 @@ disabled_plugins = [
                     "containerRuntimeEndpoint": f"unix://{CONTAINERD_SOCKET}",
                     "clusterDNS": [],
                     "clusterDomain": "cluster.local",
-                    "maxPods": 20,
+                    "maxPods": self.max_pods,
                     "podLogsDir": str(DATA_DIR / "pod-logs"),
                     # Fits a shared 24 GiB machine; imported images must never be collected (no registry).
                     "evictionHard": {
@@ -701,7 +702,13 @@ disabled_plugins = [
         self._kill_until_gone(
             lambda pid, exe, cmdline: exe == "kubelet" and f"--root-dir={KUBELET_ROOT}" in cmdline
         )
-        self._kill_until_gone(lambda pid, exe, cmdline: pid in _pids_in_kubepods())
+        pods: set[int] = set()
+
+        def pods_now() -> None:  # the kubepods cgroups' processes as of this round, none from before
+            pods.clear()
+            pods.update(_pids_in_kubepods())
+
+        self._kill_until_gone(lambda pid, exe, cmdline: pid in pods, refresh=pods_now)
         self._kill_until_gone(
             lambda pid, exe, cmdline: exe == "containerd-shim-runc-v2" and str(CONTAINERD_SOCKET) in cmdline
         )
@@ -738,17 +745,23 @@ disabled_plugins = [
         shutil.rmtree(RUN_DIR, ignore_errors=True)
 
     @staticmethod
-    def _kill_until_gone(match: Any, timeout_s: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout_s
+    def _kill_until_gone(match: Any, timeout_s: float = 20.0, refresh: Any = None) -> None:
+        """SIGKILL every process ``match`` picks until none is left. ``refresh`` (once per round)
+        recomputes what ``match`` reads: walking the kubepods cgroups per process took minutes with
+        110 pods. The deadline counts from the first kill, so a slow first look never skips it."""
+        deadline: float | None = None
         while True:
+            if refresh is not None:
+                refresh()
             victims = [pid for pid, exe, cmdline in _processes() if match(pid, exe, cmdline)]
             if not victims:
                 return
-            if time.monotonic() > deadline:
+            if deadline is not None and time.monotonic() > deadline:
                 raise RealNodeError(f"processes {victims} survived SIGKILL for {timeout_s:.0f} s")
             for pid in victims:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+            deadline = deadline or time.monotonic() + timeout_s
             time.sleep(0.1)
 
 

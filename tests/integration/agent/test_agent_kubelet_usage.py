@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from testbed.controlplane import ControlPlane, wait_for
+from testbed.kubelet_endpoint import KubeletEndpoint
 from tests.integration.agent.agent_harness import AgentProcess, exact, meter
-from tests.support.kubelet_endpoint import KubeletEndpoint
 
 pytestmark = pytest.mark.integration
 

@@ -49,7 +49,7 @@ from kubemeter_operator.builders.rbac import agent_cluster_role_rules, get_agent
 from kubemeter_operator.settings import OperatorSettings
 
 from testbed.controlplane import REPO_ROOT, ControlPlane, FakeNode, free_port, wait_for
-from tests.support.kubelet_endpoint import KubeletEndpoint
+from testbed.kubelet_endpoint import KubeletEndpoint
 
 COLLECTOR = "metered"
 WINDOW_S = 10

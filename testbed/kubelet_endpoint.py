@@ -1,8 +1,9 @@
 """A TLS endpoint at a fake node's advertised kubelet address, answering GETs from a callback.
 
-kwok serves no kubelet API, so tests that exercise the agent's kubelet path put one of these where
-the Node says its kubelet is (``status.addresses`` InternalIP + ``daemonEndpoints`` port): the agent
-reaches it exactly as it reaches a real kubelet, over TLS with a bearer token.
+kwok serves no kubelet API, so tests and ``bench/bench_agent.py`` (its kwok nodes) that exercise the
+agent's kubelet path put one of these where the Node says its kubelet is (``status.addresses``
+InternalIP + ``daemonEndpoints`` port): the agent reaches it exactly as it reaches a real kubelet,
+over TLS with a bearer token.
 """
 
 from __future__ import annotations
