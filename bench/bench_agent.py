@@ -1,18 +1,19 @@
 """Agent CPU and memory on the example's real configuration, with pods churning (issues 4 and 16).
 
 The 110-pod point is a **real node**: ``real-0`` (:mod:`testbed.realnode`: containerd + runc + a
-kubelet of the API server's version, ``maxPods: 110`` as a kubelet's default) runs 110 busybox pods
-that sleep, and the agent polls that kubelet's own ``/stats/summary``. real-0 advertises
-``nvidia.com/gpu`` as an extended resource (its status capacity patched, as a cluster operator
-advertises one; no device plugin, so the kubelet admits GPU pods without devices), so every tenth pod
-holds a GPU there too. The 250- and 500-pod points are kwok nodes (``bench-250``, ``bench-500``: a
-real kubelet holds 110 pods by default) whose kubelet is a stand-in (:mod:`testbed.kubelet_endpoint`,
-TLS and a bearer token, where the Node says its kubelet is) serving ``/stats/summary`` for the pods
-the node holds at that moment, with cumulative CPU counters. Pods have CPU and memory requests across
-five customer namespaces. All through warm-up and measurement a churn thread deletes a random pod of
-each node and creates a new one every :data:`CHURN_EVERY_S`: on real-0 with a graceful delete (the
-kubelet stops the containers before the pod goes), and a watch on real-0's pods times how long a
-created pod takes to run and a deleted one to go.
+kubelet of the API server's version, ``maxPods`` 120: the kubelet counts the churn's pods still
+stopping) runs 110 busybox pods that sleep, and the agent polls that kubelet's own
+``/stats/summary``. real-0 advertises ``nvidia.com/gpu`` as an extended resource (its status
+capacity patched, as a cluster operator advertises one; no device plugin, so the kubelet admits GPU
+pods without devices), so every tenth pod holds a GPU there too. The 250- and 500-pod points are
+kwok nodes (``bench-250``, ``bench-500``: a real kubelet holds 110 pods by default) whose kubelet is
+a stand-in (:mod:`testbed.kubelet_endpoint`, TLS and a bearer token, where the Node says its kubelet
+is) serving ``/stats/summary`` for the pods the node holds at that moment, with cumulative CPU
+counters. Pods have CPU and memory requests across five customer namespaces. All through warm-up and
+measurement a churn thread deletes a random pod of each node and creates a new one every
+:data:`CHURN_EVERY_S`: on real-0 with a graceful delete (the kubelet stops the containers before the
+pod goes), and a watch on real-0's pods times how long a created pod takes to run and a deleted one
+to go.
 
 One ``kubemeter agent`` per node, each a host process (as the DaemonSet's pod would be, with the
 node's name), runs the three Meters of ``examples/gpu-chargeback.yaml`` (GPU, CPU, memory
@@ -79,6 +80,7 @@ REAL_NODE = realnode.NAME
 POD_COUNTS = {REAL_NODE: 110, "bench-250": 250, "bench-500": 500}
 STAND_IN_NODES = ("bench-250", "bench-500")
 CHURN_EVERY_S = 2.0  # per node: one pod deleted and one created
+STOPPING_ROOM = 10  # real-0's maxPods above the pods it holds
 # The example's suggested filter: CEL's int/double typing needs the interpreter, not the fast paths.
 CEL_FILTER = "double(event.data.value) > 0.0"
 KUBELET_CORES = 0.25  # each stand-in pod's CPU use
@@ -140,7 +142,10 @@ def pod_manifest(node: str, index: int, generation: int = 0) -> dict[str, Any]:
 
 def start_real_node(plane: ControlPlane, state_dir: Path, stack: ExitStack) -> realnode.RealNode:
     """real-0 with room for 110 pods and GPUs advertised as an extended resource."""
-    node = realnode.RealNode(plane, state_dir, bin_dir=plane.bin_dir, max_pods=POD_COUNTS[REAL_NODE])
+    # Room above the 110 it holds for the churn's pods still stopping: the kubelet counts them, and
+    # with maxPods 110 it refused new ones (OutOfpods) while a deleted pod took up to 10 s to stop.
+    max_pods = POD_COUNTS[REAL_NODE] + STOPPING_ROOM
+    node = realnode.RealNode(plane, state_dir, bin_dir=plane.bin_dir, max_pods=max_pods)
     stack.callback(node.stop)
     node.start()
     plane.kubectl("label", "node", REAL_NODE, f"nvidia.com/gpu.product={GPU_PRODUCT}")
@@ -623,7 +628,7 @@ def run() -> list[dict[str, Any]]:
                 f"busybox pods Running on real-0 at the end ({real['gpu_pods']} with a GPU; "
                 f"{len(failed)} refused by the kubelet{refused})"
             ),
-            "baseline": f"{POD_COUNTS[REAL_NODE]} (maxPods)",
+            "baseline": f"{POD_COUNTS[REAL_NODE]} held (maxPods {POD_COUNTS[REAL_NODE] + STOPPING_ROOM})",
         },
         {
             "name": "agent/real-0/fill",
