@@ -11,10 +11,8 @@
   operator holds the earlier steps' objects too (100, 600, then 2,600 Meters in all).
 - ``operator/meters-<M>/rss``: the operator's VmRSS (``/proc/<pid>/status``, sampled every 100 ms)
   at the end of that step, 1 s after it converged; ``operator/rss-peak`` is the largest sample.
-- ``operator/resync-<N>-agents``: what one resync spends reading the agents' reports (source
-  faults): ``read_agent_reports``, the operator's own function, against N stand-in agents
-  (:mod:`bench.agent_endpoints`, one process, N loopback addresses), wall time and this process's
-  CPU time, for N = 100 and 1,000.
+
+What a resync spends on the agents' source faults is :mod:`bench.bench_operator_resync`.
 
 The operator runs as a subprocess (``kubemeter operator --standalone``) with its production defaults.
 Shared helpers (control plane, API client, process sampler) are imported by the other benchmarks.
@@ -41,14 +39,12 @@ import httpx
 import yaml
 from kubemeter.api.collector import CollectorSpec
 from kubemeter_operator.builders import CollectorRef, build_children
-from kubemeter_operator.reconcile import agent_report_urls, read_agent_reports
 from kubemeter_operator.settings import OperatorSettings
 
 from bench import plots
-from bench.agent_endpoints import address
-from testbed.controlplane import REPO_ROOT, ControlPlane, FakeNode, free_port
+from testbed.controlplane import REPO_ROOT, ControlPlane, FakeNode
 
-ABOUT = "operator convergence and RSS vs Meters (100, 500, 2,000 over 50 Collectors); resync cost vs agents"
+ABOUT = "operator convergence and RSS vs Meters (100, 500, 2,000 over 50 Collectors)"
 
 EXAMPLE = REPO_ROOT / "examples" / "gpu-chargeback.yaml"
 CHILDREN_GOAL_S = 2.0
@@ -57,7 +53,6 @@ RSS_GOAL_MIB = 150.0
 CHILDREN_REPEATS = 3
 COLLECTORS = 50
 METER_STEPS = (100, 500, 2000)
-AGENT_COUNTS = (100, 1000)
 CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
 
@@ -303,33 +298,6 @@ def many_meters_converge_s(
     return time.perf_counter() - started, applied_s
 
 
-def resync_cost(agents: int) -> tuple[float, float]:
-    """Wall and CPU seconds of one read of ``agents`` agents' reports, as a resync does it."""
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "bench.agent_endpoints", str(agents), str(port)],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=REPO_ROOT,
-    )
-    try:
-        assert server.stdout is not None
-        if server.stdout.readline().strip() != "ready":
-            raise RuntimeError("the stand-in agents did not start")
-        ready = [{"type": "Ready", "status": "True"}]
-        pods = [{"status": {"podIP": address(i), "conditions": ready}} for i in range(agents)]
-        urls = agent_report_urls(pods, port)
-        cpu_before, started = time.process_time(), time.perf_counter()
-        reports = read_agent_reports(urls, OperatorSettings().gateway_status_timeout_seconds)
-        wall_s, cpu_s = time.perf_counter() - started, time.process_time() - cpu_before
-        if len(reports) != agents:
-            raise RuntimeError(f"{len(reports)} of {agents} stand-in agents answered")
-        return wall_s, cpu_s
-    finally:
-        server.kill()
-        server.wait()
-
-
 def measure(state_dir: Path) -> dict[str, Any]:
     with control_plane(state_dir / "cluster") as plane, api_client(plane) as client:
         log = state_dir / "operator.log"
@@ -353,13 +321,11 @@ def measure(state_dir: Path) -> dict[str, Any]:
                     f"{meters} Meters: converged in {converge_s:.1f} s, RSS {mib(rss.last_bytes)} MiB",
                     flush=True,
                 )
-        resync = {agents: resync_cost(agents) for agents in AGENT_COUNTS}
         return {
             "children_s": children_s,
             "child_count": child_count,
             "steps": steps,
             "rss_peak": rss.peak_bytes,
-            "resync": resync,
         }
 
 
@@ -368,7 +334,6 @@ def run() -> list[dict[str, Any]]:
         result = measure(Path(scratch))
     children_s: list[float] = result["children_s"]
     steps: dict[int, dict[str, float]] = result["steps"]
-    resync: dict[int, tuple[float, float]] = result["resync"]
     figures: list[dict[str, Any]] = [
         {
             "name": "operator/collector-children/median",
@@ -412,21 +377,6 @@ def run() -> list[dict[str, Any]]:
             "baseline": f"goal < {RSS_GOAL_MIB:.0f} MiB",
         }
     )
-    for agents, (wall_s, cpu_s) in resync.items():
-        figures += [
-            {
-                "name": f"operator/resync-{agents}-agents/wall",
-                "value": round(wall_s, 2),
-                "unit": "s to read every agent's report once (16 at a time)",
-                "baseline": f"resync interval {OperatorSettings().resync_seconds:.0f} s",
-            },
-            {
-                "name": f"operator/resync-{agents}-agents/cpu",
-                "value": round(cpu_s, 3),
-                "unit": f"s of operator CPU per resync ({1000 * cpu_s / agents:.2f} ms per agent)",
-                "baseline": f"operator/resync-{AGENT_COUNTS[0]}-agents/cpu",
-            },
-        ]
     plots.line_plot(
         "operator-converge-vs-meters",
         f"Operator convergence vs Meters ({COLLECTORS} Collectors)",
@@ -440,15 +390,5 @@ def run() -> list[dict[str, Any]]:
         "Meters in the step",
         "MiB",
         {"kubemeter operator": [(m, step["rss"] / 2**20) for m, step in steps.items()]},
-    )
-    plots.line_plot(
-        "operator-resync-vs-agents",
-        "Operator resync: reading every agent's report",
-        "agents (nodes)",
-        "seconds per resync",
-        {
-            "wall": [(n, wall) for n, (wall, _) in resync.items()],
-            "CPU": [(n, cpu) for n, (_, cpu) in resync.items()],
-        },
     )
     return figures

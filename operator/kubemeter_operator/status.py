@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from kubemeter.api.rendered import AgentStatusReport, GatewayStatusReport
+from kubemeter.api.rendered import AgentFaultReport, GatewayStatusReport
 
 from kubemeter_operator.resolve import Problem
 from kubemeter_operator.resources import ConditionStatus
@@ -120,7 +120,18 @@ def collector_ready(
     )
 
 
-def source_faults(reports: Sequence[AgentStatusReport]) -> list[dict[str, str]]:
+def latest_agent_reports(reports: Sequence[GatewayStatusReport]) -> list[AgentFaultReport]:
+    """Each node's newest fault report over the gateway replicas (an agent's posts may land on any)."""
+    latest: dict[str, AgentFaultReport] = {}
+    for gateway in reports:
+        for report in gateway.agent_reports:
+            kept = latest.get(report.node)
+            if kept is None or report.sent_at > kept.sent_at:
+                latest[report.node] = report
+    return list(latest.values())
+
+
+def source_faults(reports: Sequence[AgentFaultReport]) -> list[dict[str, str]]:
     """Every meter whose source is behind on some node, with the reason, sorted."""
     faults = [
         {"meter": meter, "node": report.node, "reason": reason}
@@ -128,6 +139,15 @@ def source_faults(reports: Sequence[AgentStatusReport]) -> list[dict[str, str]]:
         for meter, reason in report.source_faults.items()
     ]
     return sorted(faults, key=lambda fault: (fault["meter"], fault["node"]))
+
+
+def known_source_faults(reports: Sequence[GatewayStatusReport], replicas: int) -> list[dict[str, str]] | None:
+    """The source faults the gateways know, or None while they may not know them all: a replica
+    did not answer (it may hold the only report of a fault) or started too recently to have heard
+    from every faulted agent."""
+    if not reports or len(reports) < replicas or not all(r.agent_reports_complete for r in reports):
+        return None
+    return source_faults(latest_agent_reports(reports))
 
 
 def source_fault_problem(faults: Sequence[Mapping[str, str]]) -> Problem:
@@ -151,15 +171,12 @@ def collector_status(
     gateway: Mapping[str, int],
     reports: Sequence[GatewayStatusReport] | None,
     now: datetime,
-    agent_reports: Sequence[AgentStatusReport] | None = None,
 ) -> dict[str, Any]:
-    """``reports``: the gateways' /status bodies, or None when none answered (keep what is known).
-    ``agent_reports``: the agents' /healthz bodies, or None when not read yet (keep what is known).
-    A source fault degrades the Collector but does not make it unready: the other meters run on."""
-    if agent_reports is not None:
-        faults = source_faults(agent_reports)
-    else:
-        faults = list(previous.get("sourceFaults") or [])
+    """``reports``: the gateways' /status bodies, or None when none answered (keep what is known);
+    they carry the agents' source faults too. A source fault degrades the Collector but does not
+    make it unready: the other meters run on."""
+    known = known_source_faults(reports or [], replicas)
+    faults = known if known is not None else list(previous.get("sourceFaults") or [])
     degraded = list(problems) + ([source_fault_problem(faults)] if faults else [])
     # A gateway that paused delivery (credentials or ACLs refused) needs a person: Degraded.
     paused = [report.paused_reason for report in reports or [] if report.paused_reason]

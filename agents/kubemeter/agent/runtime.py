@@ -1,8 +1,9 @@
 """``kubemeter agent``: one process per node per Collector.
 
 Tasks on one event loop: the pod watch (this node only) and the namespace watch, a node refresher,
-one task per meter (each with its source), the config-file watcher, the checkpoint heartbeat and the
-HTTP server for ``/healthz``, ``/readyz``, ``/livez`` and ``/metrics``.
+one task per meter (each with its source), the config-file watcher, the checkpoint heartbeat, the
+fault reporter (source faults to the gateway) and the HTTP server for ``/healthz``, ``/readyz``,
+``/livez`` and ``/metrics``.
 
 On SIGTERM the agent stops its meters and forwards its spool for up to ``SHUTDOWN_GRACE_S``; what
 is left resumes at the next start. If its node has been deleted there is no next start, so it first
@@ -23,6 +24,7 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kubemeter.agent.checkpoint import CheckpointStore
+from kubemeter.agent.fault_report import FaultReporter
 from kubemeter.agent.http import serve
 from kubemeter.agent.memory import release_freed_memory
 from kubemeter.agent.meters import MeterRunner, World
@@ -39,6 +41,7 @@ from kubemeter.api.rendered import (
 )
 from kubemeter.metering.windows import next_boundary_ms, window_containing, windows_between
 from kubemeter.output import EventOutput
+from kubemeter.output.credentials import SecretFile
 from kubemeter.sources.allocation import held_interval
 from kubemeter.sources.informer import Informer, now_ms
 from kubemeter.sources.kube import KubeApi, KubeApiError, KubeCredentials
@@ -85,6 +88,13 @@ class Agent:
         self.runners: dict[str, tuple[MeterRunner, asyncio.Task[None]]] = {}
         self.saved_pod_versions: dict[str, str] = {}
         self.stopping: asyncio.Event | None = None
+        token_file = self.config.ingest_token_file
+        self.fault_reporter = FaultReporter(
+            node_name,
+            lambda: self.config.gateway_url,
+            lambda: self.config.fault_report_refresh_seconds,
+            SecretFile(Path(token_file)) if token_file else None,
+        )
 
     async def run(self) -> None:
         """Meter until SIGTERM (or :meth:`stop`), then shut down cleanly."""
@@ -125,6 +135,7 @@ class Agent:
                 asyncio.create_task(pods.run(), name="pod watch"),
                 asyncio.create_task(namespaces.run(), name="namespace watch"),
                 asyncio.create_task(self._refresh_node(), name="node"),
+                asyncio.create_task(self.fault_reporter.run(), name="fault reports"),
             ]
             server = await self._serve_http()
             try:
@@ -319,7 +330,9 @@ class Agent:
             await self.store.save_watch(save, self.saved_pod_versions)
             await self._forget_finished_pods()
             self.telemetry.pod_watch(pods)
-            self.telemetry.source_faults(self.source_faults(), [r.name for r, _ in self.runners.values()])
+            faults = self.source_faults()
+            self.telemetry.source_faults(faults, [r.name for r, _ in self.runners.values()])
+            self.fault_reporter.observe(faults)
             await asyncio.sleep(1.0)
 
     async def _forget_finished_pods(self) -> None:

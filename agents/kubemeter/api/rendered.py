@@ -37,6 +37,11 @@ LIVENESS_PATH = "/livez"
 READINESS_PATH = "/readyz"
 METRICS_PATH = "/metrics"
 GATEWAY_STATUS_PATH = "/status"
+# Agents push their source faults to the gateway they already send events to (authenticated like
+# ingest); the operator reads them from the gateways' /status, O(gateway replicas) per resync.
+AGENT_REPORT_PATH = "/api/v1/agent-reports"
+FAULT_REPORT_REFRESH_SECONDS = 60.0
+FAULT_REPORT_TTL_SECONDS = 3 * FAULT_REPORT_REFRESH_SECONDS
 
 # ---------------------------------------------------------------------------------------------------
 # Rendered files (ConfigMap content) and the gateway's status report
@@ -89,6 +94,14 @@ class AgentConfig(SpecModel):
             "line is sent as Authorization: Bearer, re-read when the file changes."
         ),
     )
+    fault_report_refresh_seconds: float = Field(
+        default=FAULT_REPORT_REFRESH_SECONDS,
+        gt=0,
+        description=(
+            "The agent posts its source faults to the gateway when they change, and again this often "
+            "while it has any (the gateway forgets a report after agentReportTtlSeconds)."
+        ),
+    )
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_wire(), sort_keys=False)
@@ -127,6 +140,14 @@ class GatewayConfig(SpecModel):
     listen_address: str = Field(
         default=f"0.0.0.0:{GATEWAY_PORT}", description="host:port for ingest, /healthz, /metrics, /status."
     )
+    agent_report_ttl_seconds: float = Field(
+        default=FAULT_REPORT_TTL_SECONDS,
+        gt=0,
+        description=(
+            "How long an agent's fault report is kept without a newer one; a faulted agent re-posts "
+            "more often (faultReportRefreshSeconds), so only a gone agent's report expires."
+        ),
+    )
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_wire(), sort_keys=False)
@@ -134,6 +155,21 @@ class GatewayConfig(SpecModel):
     @classmethod
     def from_yaml(cls, text: str) -> GatewayConfig:
         return cls.model_validate(yaml.safe_load(text))
+
+
+class AgentFaultReport(SpecModel):
+    """What an agent posts to ``AGENT_REPORT_PATH`` on its gateway: when its source faults change
+    (an empty map clears them), and every ``faultReportRefreshSeconds`` while it has any."""
+
+    node: str = Field(min_length=1, max_length=253, description="The node the agent runs on.")
+    sent_at: float = Field(
+        description="Unix seconds on the agent's clock: orders one node's reports across gateway replicas."
+    )
+    source_faults: dict[str, str] = Field(
+        default_factory=dict,
+        max_length=256,
+        description="Meter (namespace/name) -> why its source is behind; empty when nothing is.",
+    )
 
 
 class GatewayStatusReport(SpecModel):
@@ -149,11 +185,22 @@ class GatewayStatusReport(SpecModel):
     paused_reason: str | None = Field(
         default=None, description="Set while delivery is paused, e.g. credentials refused (401/403)."
     )
+    agent_reports: list[AgentFaultReport] = Field(
+        default_factory=list,
+        description="The latest fault report of each agent that posted here within the TTL.",
+    )
+    agent_reports_complete: bool = Field(
+        default=False,
+        description=(
+            "True once the gateway has run for half the report TTL: every faulted agent has re-posted "
+            "since it started, so a node missing here has no fault (as far as this replica knows)."
+        ),
+    )
 
 
 class AgentStatusReport(SpecModel):
-    """The JSON body of ``GET /healthz`` on an agent; the operator gathers ``sourceFaults`` from every
-    agent into the Collector's status."""
+    """The JSON body of ``GET /healthz`` on an agent (for people and probes; the operator learns the
+    source faults from the gateways, see :class:`AgentFaultReport`)."""
 
     node: str = Field(description="The node the agent runs on.")
     problems: list[str] = Field(

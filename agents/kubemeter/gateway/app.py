@@ -1,4 +1,5 @@
-"""The gateway's HTTP surface: ingest, /metrics, /healthz (= /livez), /readyz, /status.
+"""The gateway's HTTP surface: ingest, the agents' fault reports, /metrics, /healthz (= /livez),
+/readyz, /status.
 
 An ingest request is answered only after its events are committed to disk (204), or refused as a
 whole: 400 malformed (naming the event and the fix), 401 unauthenticated, 408 body too slow, 413
@@ -20,8 +21,17 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+from pydantic import ValidationError
 
-from kubemeter.api.rendered import LIVENESS_PATH, READINESS_PATH, GatewayStatusReport
+from kubemeter.api.rendered import (
+    AGENT_REPORT_PATH,
+    FAULT_REPORT_TTL_SECONDS,
+    LIVENESS_PATH,
+    READINESS_PATH,
+    AgentFaultReport,
+    GatewayStatusReport,
+)
+from kubemeter.gateway.agent_reports import AgentReportTable
 from kubemeter.gateway.limits import BodyRefused, ConnectionGuard, HttpLimits
 from kubemeter.output.credentials import SecretFile
 from kubemeter.output.delivery import DeliveryCore
@@ -30,6 +40,7 @@ from kubemeter.output.queue import DurableQueue, QueueFullError, WhenFull
 
 INGEST_PATH = "/api/v1/events"
 MAX_REQUEST_BYTES = 32 * 2**20
+MAX_AGENT_REPORT_BYTES = 256 * 2**10
 PROBLEM_JSON = "application/problem+json"
 # zlib's window bits: gzip framing, zlib framing (what "deflate" means in HTTP).
 _INFLATE_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
@@ -114,8 +125,10 @@ class GatewayApp:
         ingest_token: SecretFile | None,
         registry: CollectorRegistry,
         limits: HttpLimits | None = None,
+        agent_reports: AgentReportTable | None = None,
     ) -> None:
         self.queue = queue
+        self.agent_reports = agent_reports or AgentReportTable(FAULT_REPORT_TTL_SECONDS)
         self.delivery = delivery
         self.ingest_token = ingest_token
         self.registry = registry
@@ -137,6 +150,7 @@ class GatewayApp:
     def build(self) -> web.Application:
         app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[self.guard.middleware])
         app.router.add_post(INGEST_PATH, self.ingest)
+        app.router.add_post(AGENT_REPORT_PATH, self.agent_report)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get(LIVENESS_PATH, self.healthz)
@@ -185,6 +199,25 @@ class GatewayApp:
         self.ack_seconds.observe(time.perf_counter() - started_s)
         return web.Response(status=204)
 
+    async def agent_report(self, request: web.Request) -> web.Response:
+        """An agent's source faults (its whole current set), kept in memory: agents re-post while
+        they have any, so a restarted gateway knows them again within one refresh."""
+        refusal = self._authorized(request)
+        if refusal:
+            self.refused.labels("unauthorized").inc()
+            return problem(401, "Unauthorized", refusal, {"WWW-Authenticate": 'Bearer realm="kubemeter"'})
+        try:
+            body = await self.guard.read_body(request, MAX_AGENT_REPORT_BYTES)
+            report = AgentFaultReport.model_validate_json(body)
+        except BodyRefused as refused:
+            return problem(refused.status, refused.title, refused.detail)
+        except ValidationError as error:
+            self.refused.labels("malformed").inc()
+            return problem(400, "Bad Request", f"not an agent fault report: {error}")
+        if not self.agent_reports.record(report):
+            return problem(503, "Service Unavailable", "too many agents reporting", {"Retry-After": "30"})
+        return web.Response(status=204)
+
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(self.registry), content_type="text/plain", charset="utf-8")
 
@@ -231,6 +264,8 @@ class GatewayApp:
             dead_lettered_events=stats.dead_letters,
             last_delivery_error=delivery.last_error if delivery else None,
             paused_reason=delivery.paused_reason if delivery else None,
+            agent_reports=self.agent_reports.live(),
+            agent_reports_complete=self.agent_reports.complete(),
         )
 
     async def status(self, request: web.Request) -> web.Response:

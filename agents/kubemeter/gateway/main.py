@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from kubemeter.api.collector import BufferFullPolicy, CloudEventsMode, OutputSpec, OutputType
 from kubemeter.api.rendered import GatewayConfig
+from kubemeter.gateway.agent_reports import AgentReportTable
 from kubemeter.gateway.app import GatewayApp
 from kubemeter.gateway.limits import HttpLimits, add_limit_arguments, limits_from, make_runner, start_site
 from kubemeter.output.credentials import SecretFile
@@ -131,7 +132,14 @@ async def serve(
     if token is None:
         log.warning("no ingest token file given: anyone who reaches the gateway can send events")
     limits = limits or HttpLimits()
-    gateway = GatewayApp(queue, delivery=delivery, ingest_token=token, registry=registry, limits=limits)
+    gateway = GatewayApp(
+        queue,
+        delivery=delivery,
+        ingest_token=token,
+        registry=registry,
+        limits=limits,
+        agent_reports=AgentReportTable(config.agent_report_ttl_seconds),
+    )
     runner = make_runner(gateway.build(), limits)
     await runner.setup()
     listener = await start_site(runner, gateway.guard, host, port)

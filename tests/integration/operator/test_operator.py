@@ -3,15 +3,22 @@ without writes, and deletion per buffer.onDelete."""
 
 from __future__ import annotations
 
+import base64
 import json
+import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from kubemeter.api.rendered import GATEWAY_PORT, GatewayConfig
 
 from testbed.controlplane import ControlPlane, wait_for
+from testbed.kubelet_endpoint import KubeletEndpoint
+from tests.integration.agent.agent_harness import AgentProcess
+from tests.integration.agent.agent_harness import meter as agent_meter
 from tests.integration.operator.conftest import REPO_ROOT, OperatorProcess, condition, get
 
 pytestmark = pytest.mark.integration
@@ -531,3 +538,102 @@ def test_a_drain_collector_waits_for_its_buffer_and_says_how_to_skip(
     )
     pvcs = json.loads(cluster.kubectl("get", "pvc", "-n", namespace, "-o", "json").stdout)["items"]
     assert len(pvcs) == 2  # switched to Retain: kept
+
+
+def test_an_agents_source_fault_shows_in_the_collector_status_and_clears_when_it_clears(
+    cluster: ControlPlane, operator: OperatorProcess, namespace: str, tmp_path: Path
+) -> None:
+    """The agent pushes its source faults to its gateway; the operator reads them from the gateway
+    pod's /status (one request per replica, never one per agent). Real agent, gateway and operator
+    processes; the gateway listens where the API server says its hostNetwork pod is."""
+    node = next(n for n in cluster.nodes if "nvidia.com/gpu" not in n.capacity)
+    on_node = {"node.kubernetes.io/instance-type": node.labels["node.kubernetes.io/instance-type"]}
+    spec = {
+        "output": {"type": "cloudevents", "url": "http://127.0.0.1:1"},
+        "hostNetwork": True,
+        "nodeSelector": on_node,
+        "gateway": {"replicas": 1, "nodeSelector": on_node},
+    }
+    apply(cluster, namespace, manifests(("Collector", "c", spec)))
+    wait_ready(cluster, namespace, "collector", "c")
+    (gateway_pod,) = cluster.get_json("pods", "-n", namespace, "-l", "app.kubernetes.io/component=gateway")[
+        "items"
+    ]
+    pod_ip = gateway_pod["status"]["podIP"]
+    assert pod_ip == node.internal_ip  # hostNetwork: the pod has its node's address
+
+    secret = get(cluster, "-n", namespace, "secret", "c-ingest-token")
+    token_file = tmp_path / "token"
+    token_file.write_bytes(base64.b64decode(secret["data"]["token"]))
+    rendered = GatewayConfig.from_yaml(
+        get(cluster, "-n", namespace, "configmap", "c-config")["data"]["gateway.yaml"]
+    )
+    gateway_config = rendered.model_copy(
+        update={
+            "data_dir": str(tmp_path / "gateway"),
+            "listen_address": f"{pod_ip}:{GATEWAY_PORT}",
+            "ingest_token_file": str(token_file),
+            "agent_report_ttl_seconds": 4.0,  # complete 2 s after its start, not 90 s
+        }
+    )
+    (tmp_path / "gateway.yaml").write_text(gateway_config.to_yaml())
+    gateway_log = (tmp_path / "gateway.log").open("ab")
+    gateway = subprocess.Popen(
+        [sys.executable, "-m", "kubemeter_cli", "gateway", "--config", str(tmp_path / "gateway.yaml")],
+        cwd=REPO_ROOT,
+        stdout=gateway_log,
+        stderr=subprocess.STDOUT,
+    )
+
+    healthy = threading.Event()  # the stand-in kubelet answers 503 until it is set
+
+    def kubelet_answer(path: str, authorization: str) -> tuple[int, str]:
+        if not healthy.is_set():
+            return 503, "kubelet overloaded"
+        return 200, json.dumps(
+            {"node": {"nodeName": node.name, "startTime": "2024-01-01T00:00:00Z"}, "pods": []}
+        )
+
+    kubelet = KubeletEndpoint(
+        node.internal_ip, cluster.kubelet_ports[node.name], tmp_path / "pki", kubelet_answer
+    )
+    agent = AgentProcess(
+        tmp_path / "agent",
+        node.name,
+        cluster.kubeconfig,
+        [agent_meter("cpu-core-seconds", "m-kcpu", namespace, {"kubeletUsage": {"metric": "cpu"}})],
+        env={"KUBEMETER_KUBELET_CA_FILE": str(kubelet.cert)},
+    )
+    config = yaml.safe_load(agent.config_path.read_text())
+    config |= {
+        "gatewayUrl": f"http://{pod_ip}:{GATEWAY_PORT}",
+        "ingestTokenFile": str(token_file),
+        "faultReportRefreshSeconds": 1,
+    }
+    agent.config_path.write_text(yaml.safe_dump(config))
+    try:
+        agent.start()
+
+        def source_faults() -> list[dict[str, str]]:
+            status = get(cluster, "-n", namespace, "collector", "c").get("status") or {}
+            return list(status.get("sourceFaults") or [])
+
+        faults = wait_for(
+            source_faults, timeout_s=60, what="the agent's source fault in the Collector status"
+        )
+        assert [(f["meter"], f["node"]) for f in faults] == [("kubemeter-system/cpu-core-seconds", node.name)]
+        assert "503" in faults[0]["reason"]
+        degraded = condition(get(cluster, "-n", namespace, "collector", "c"), "Degraded")
+        assert degraded["reason"] == "SourceFault"
+        assert f'Meter "kubemeter-system/cpu-core-seconds" on node {node.name}' in degraded["message"]
+        assert condition(get(cluster, "-n", namespace, "collector", "c"), "Ready")["status"] == "True"
+
+        healthy.set()
+        wait_for(lambda: source_faults() == [], timeout_s=60, what="the cleared fault to leave the status")
+        wait_condition(cluster, namespace, "collector", "c", "Degraded", "AsExpected")
+    finally:
+        agent.stop()
+        kubelet.stop()
+        gateway.terminate()
+        gateway.wait(timeout=30)
+        gateway_log.close()

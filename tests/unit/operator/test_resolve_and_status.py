@@ -180,26 +180,58 @@ def test_unchanged_situation_yields_an_identical_status() -> None:
 
 
 def test_a_source_fault_an_agent_reports_degrades_the_collector_but_keeps_it_ready() -> None:
-    from kubemeter.api.rendered import AgentStatusReport
+    from kubemeter.api.rendered import AgentFaultReport, GatewayStatusReport
 
-    counts = ({"desired": 2, "ready": 2}, {"desired": 1, "ready": 1})
-    reports = [
-        AgentStatusReport(node="gpu-1", source_faults={"ml/gpu-energy": "nvml unavailable: no driver"}),
-        AgentStatusReport(node="gpu-0", source_faults={"ml/gpu-energy": "nvml unavailable: no driver"}),
-        AgentStatusReport(node="cpu-0"),
+    counts = ({"desired": 2, "ready": 2}, {"desired": 2, "ready": 2})
+    nvml = {"ml/gpu-energy": "nvml unavailable: no driver"}
+    # Two replicas: gpu-1's agent posted its fault to one and, later, its clear to the other.
+    gateways = [
+        GatewayStatusReport(
+            agent_reports=[
+                AgentFaultReport(node="gpu-0", sent_at=100, source_faults=nvml),
+                AgentFaultReport(node="gpu-1", sent_at=100, source_faults=nvml),
+            ],
+            agent_reports_complete=True,
+        ),
+        GatewayStatusReport(
+            agent_reports=[
+                AgentFaultReport(node="cpu-0", sent_at=90),
+                AgentFaultReport(node="gpu-2", sent_at=101, source_faults=nvml),
+            ],
+            agent_reports_complete=True,
+        ),
     ]
-    faulted = collector_status({}, 1, [], 1, 2, *counts, None, NOW, agent_reports=reports)
+    faulted = collector_status({}, 1, [], 2, 2, *counts, gateways, NOW)
     assert faulted["sourceFaults"] == [
         {"meter": "ml/gpu-energy", "node": "gpu-0", "reason": "nvml unavailable: no driver"},
         {"meter": "ml/gpu-energy", "node": "gpu-1", "reason": "nvml unavailable: no driver"},
+        {"meter": "ml/gpu-energy", "node": "gpu-2", "reason": "nvml unavailable: no driver"},
     ]
     conditions = {c["type"]: c for c in faulted["conditions"]}
     assert conditions["Ready"]["status"] == "True"
     assert conditions["Degraded"]["status"] == "True" and conditions["Degraded"]["reason"] == "SourceFault"
     assert 'Meter "ml/gpu-energy" on node gpu-0: nvml unavailable' in conditions["Degraded"]["message"]
-    # Between reads of the agents the last known faults stay; a read without faults clears them.
-    assert collector_status(faulted, 1, [], 1, 2, *counts, None, LATER) == faulted
-    cleared = collector_status(faulted, 1, [], 1, 2, *counts, None, LATER, agent_reports=reports[2:])
+    # The newer report of a node wins, whichever replica holds it.
+    gateways[1].agent_reports.append(AgentFaultReport(node="gpu-1", sent_at=102))
+    partly = collector_status(faulted, 1, [], 2, 2, *counts, gateways, LATER)
+    assert [f["node"] for f in partly["sourceFaults"]] == ["gpu-0", "gpu-2"]
+    # While the gateways may not know every fault, the last known faults stay: a replica did not
+    # answer, or one started too recently to have heard from every faulted agent.
+    cleared_reports = [GatewayStatusReport(agent_reports_complete=True) for _ in range(2)]
+    assert (
+        collector_status(faulted, 1, [], 2, 2, *counts, None, LATER)["sourceFaults"]
+        == faulted["sourceFaults"]
+    )
+    assert (
+        collector_status(faulted, 1, [], 2, 2, *counts, cleared_reports[:1], LATER)["sourceFaults"]
+        == (faulted["sourceFaults"])
+    )
+    young = [cleared_reports[0], GatewayStatusReport(agent_reports_complete=False)]
+    assert (
+        collector_status(faulted, 1, [], 2, 2, *counts, young, LATER)["sourceFaults"]
+        == faulted["sourceFaults"]
+    )
+    cleared = collector_status(faulted, 1, [], 2, 2, *counts, cleared_reports, LATER)
     assert cleared["sourceFaults"] == []
     assert [e.reason for e in transition_events(faulted, cleared)] == ["Recovered"]
 
