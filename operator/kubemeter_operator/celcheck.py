@@ -54,7 +54,7 @@ _SAMPLES: dict[str, Any] = {
 def expression_error(expression: str, variables: tuple[str, ...]) -> str | None:
     """None when ``expression`` is usable with ``variables``; otherwise what is wrong and the fix."""
     try:
-        program = compile_program(expression, interpreted=True)
+        program = compile_program(expression)
     except celparser.CELParseError as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else "syntax error"
         return f"does not compile ({first_line}); check the CEL syntax"

@@ -6,12 +6,6 @@ most ``set`` values plain string literals. Those are evaluated directly, and the
 (celpy with its parser, ~10 MiB of an agent's memory) is imported only when some expression needs
 more than that.
 
-An expression without comprehensions has no loop, so its cost is bounded by its length (at most
-1024 characters): it runs transpiled to Python (celpy's CompiledRunner), about 10x faster than the
-interpreter (double(event.data.value) > 0.0: 0.2 against 2.2 ms per evaluation on this loaded machine), which
-mattered in every agent: the example's filter runs once per event, and interpreting it was half the
-agent's CPU at 110 pods (py-spy, bench/bench_agent.py).
-
 Every interpreted evaluation has a step budget (:data:`CEL_STEP_BUDGET` visits of the parse tree,
 shared by the nested evaluations of ``map``/``all``/``exists``/``filter``): nested comprehensions
 multiply, and a 150-character expression of five nested ``map``/``all`` over 10-element lists takes
@@ -26,8 +20,6 @@ import re
 from collections.abc import Mapping
 from functools import cache
 from typing import Any
-
-from kubemeter.api.common import CEL_COMPREHENSION_PATTERN
 
 # ~25,000 steps/s in celpy on one core (tests/unit/agent/test_cel_budget.py prints it): an
 # evaluation stops within about half a second. Realistic subjects take tens of steps (a path: 5-10, a
@@ -123,7 +115,7 @@ def conditional_of(text: str) -> tuple[str, tuple[str, list[str]], Operand, Oper
 @cache
 def _environment() -> Any:
     import celpy  # loaded only when an expression needs it
-    from celpy.evaluation import Evaluator, TranspilerTree
+    from celpy.evaluation import Evaluator
 
     class BudgetedEvaluator(Evaluator):
         """Counts every visit of a parse-tree node; the macros' nested evaluators share the count."""
@@ -142,37 +134,10 @@ def _environment() -> Any:
             return BudgetedEvaluator(ast, self.activation, self.steps)
 
     class BudgetedRunner(celpy.InterpretedRunner):
-        # One parser for both runners: the transpiler needs its own tree class, the interpreter
-        # walks any lark tree.
-        tree_node_class = TranspilerTree
-
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            # Evaluation clones its base activation, so one built here serves every evaluation
-            # (building it each time was a third of an interpreted evaluation).
-            self._base_activation = self.new_activation()
-
         def evaluate(self, context: Any) -> Any:
-            return BudgetedEvaluator(self.ast, self._base_activation).evaluate(context)
+            return BudgetedEvaluator(self.ast, self.new_activation()).evaluate(context)
 
-    class TranspiledRunner(celpy.CompiledRunner):
-        """celpy's transpiled program, run in its own copy of the globals: CompiledRunner binds the
-        activation in celpy's module globals (two threads would race, and the operator checks in
-        threads) and logs every failed evaluation as an internal error with the reason dropped."""
-
-        def evaluate(self, context: Any) -> Any:
-            transpiled = self.tp
-            activation = transpiled.base_activation.clone()
-            activation.identifiers.load_values(context)
-            namespace = dict(celpy.evaluation.result.__globals__)
-            namespace["base_activation"] = activation
-            exec(transpiled.executable_code, namespace)
-            return namespace["CEL"]
-
-    return celpy.Environment(runner_class=BudgetedRunner), TranspiledRunner
-
-
-_COMPREHENSION = re.compile(CEL_COMPREHENSION_PATTERN)
+    return celpy.Environment(runner_class=BudgetedRunner)
 
 
 def release_parser() -> None:
@@ -190,16 +155,10 @@ def release_parser() -> None:
         _environment.cache_clear()
 
 
-def compile_program(text: str, *, interpreted: bool = False) -> Any:
-    """A celpy program: transpiled when it has no comprehension (no loop), else interpreted with
-    the step budget; raises celpy's CELParseError. ``interpreted`` always interprets: the
-    operator's check wants the interpreter's "undeclared reference" errors."""
-    environment, transpiled = _environment()
-    ast = environment.compile(text)
-    # The same pattern as the apply-time count: a literal that merely looks like one is interpreted.
-    if interpreted or _COMPREHENSION.search(text):
-        return environment.program(ast)
-    return transpiled(environment, ast)
+def compile_program(text: str) -> Any:
+    """A celpy program with the step budget; raises celpy's CELParseError."""
+    environment = _environment()
+    return environment.program(environment.compile(text))
 
 
 def run_program(program: Any, activation: Mapping[str, Any]) -> Any:
