@@ -420,6 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     run = ChaosRun(Stack(args.state.resolve()), settings, args.out.resolve(), mount_volume=not args.no_mount)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
     result: dict[str, Any] = {}
     try:
         run.set_up()

@@ -151,13 +151,18 @@ class Stack:
                 raise StackError(f"{process.name} exited with {code}:\n{process.component.log_tail(3000)}")
 
     def stop(self) -> None:
-        for process in self.processes.values():
-            if process.running():
-                with contextlib.suppress(ProcessLookupError):
-                    assert process.pid is not None
-                    os.killpg(process.pid, signal.SIGTERM)
-        for process in self.processes.values():
-            process.stop(timeout_s=15)
+        """Agents first, while the gateway still takes their last windows (stopped together, they
+        would spend their whole shutdown grace retrying a gateway that is gone); then the rest."""
+        agents = [p for name, p in self.processes.items() if name.startswith("agent-")]
+        others = [p for p in self.processes.values() if p not in agents]
+        for group in (agents, others):
+            for process in group:
+                if process.running():
+                    with contextlib.suppress(ProcessLookupError):
+                        assert process.pid is not None
+                        os.killpg(process.pid, signal.SIGTERM)
+            for process in group:
+                process.stop(timeout_s=15)
         if self.plane is not None:
             self.plane.stop()
 

@@ -336,14 +336,18 @@ def render_table(rows: list[dict[str, Any]], truth: dict[str, Decimal]) -> str:
 @contextlib.contextmanager
 def interrupted_cleanly(demo: Demo) -> Iterator[None]:
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # Python leaves SIGINT ignored when it starts ignored (a job started with `&` by a non-interactive
+    # shell, as CI runners do): Ctrl-C or `kill -INT` must still tear the demo down.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     except KeyboardInterrupt:
         demo.say("interrupted; tearing down")
         raise SystemExit(130) from None
     finally:
+        stopping = time.monotonic()
         demo.stop()
-        demo.say("stopped every process; state left in " + str(demo.state))
+        demo.say(f"stopped every process in {time.monotonic() - stopping:.1f} s; state left in {demo.state}")
 
 
 def main(argv: list[str] | None = None) -> int:
