@@ -46,8 +46,8 @@ WATCH_TIMEOUT_S = 300
 # A stream opened for a barrier ends this soon: the API server sends a watcher a bookmark 2 s before
 # its deadline, so this one carries a bookmark about a second after it opens.
 BARRIER_WATCH_TIMEOUT_S = 3
-# A barrier waits this long for a bookmark before it LISTs again, and this long in all; past it the
-# watch is stuck, not lagging.
+# A barrier waits at least this long for a bookmark before it LISTs again, and this long in all; past
+# it the watch is stuck, not lagging.
 BARRIER_ROUND_S = 10.0
 BARRIER_WAIT_S = 60.0
 # creationTimestamp has whole seconds: an object created this long before a barrier began must
@@ -388,7 +388,11 @@ class Informer:
         started_ms = now_ms()
         deadline = time.monotonic() + BARRIER_WAIT_S
         while True:
+            asked = time.monotonic()
             listing = await self.api.get(self.path, self.params)
+            # The bookmark comes on a new stream, which costs about what the LIST did (a slow or
+            # lagging link delays both): a round waits for that as well as for the fixed minimum.
+            round_s = max(BARRIER_ROUND_S, 2 * (time.monotonic() - asked) + BARRIER_WATCH_TIMEOUT_S)
             log.debug(
                 "%s barrier: LIST at %s, watch at %s (stream %d)",
                 self.name,
@@ -404,7 +408,7 @@ class Informer:
             self._bookmark_waiters.append((self._stream + 1, future))
             self._restart.set()
             try:
-                await asyncio.wait_for(future, min(BARRIER_ROUND_S, max(0.1, deadline - time.monotonic())))
+                await asyncio.wait_for(future, min(round_s, max(0.1, deadline - time.monotonic())))
                 break
             except BookmarkNotSent:
                 if time.monotonic() >= deadline:

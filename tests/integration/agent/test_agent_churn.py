@@ -238,7 +238,7 @@ def start_agents(
 
 
 def wait_until_all_windows_closed(
-    agents: list[AgentProcess], truth: dict[str, Truth]
+    agents: list[AgentProcess], truth: dict[str, Truth], close_timeout_s: float = 30
 ) -> list[dict[str, Any]]:
     last_end_ms = max(t.end_ms or 0 for t in truth.values())
     horizon_ms = (last_end_ms // (WINDOW_S * 1000) + 1) * WINDOW_S * 1000
@@ -250,7 +250,7 @@ def wait_until_all_windows_closed(
             return None
         return [e for agent in agents for e in agent.events()]
 
-    return list(wait_for(closed, timeout_s=30, what="agents to close the last window"))
+    return list(wait_for(closed, timeout_s=close_timeout_s, what="agents to close the last window"))
 
 
 def check_against_truth(events: list[dict[str, Any]], truth: dict[str, Truth]) -> dict[str, Decimal]:

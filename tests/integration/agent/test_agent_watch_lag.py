@@ -54,7 +54,8 @@ def test_pods_are_metered_exactly_when_the_pod_watch_lags_past_the_settle_time(
             churn.run(pods=20, spread_s=25, min_life_s=1.2, max_life_s=4)  # inside the lag
             short_lived = {name: t for name, t in churn.truth.items() if name not in long_lived}
             assert all(t.end_ms is not None and t.end_ms - t.start_ms <= 5000 for t in short_lived.values())
-            events = wait_until_all_windows_closed([agent], churn.truth)
+            # Each barrier crosses the lag at least twice (its LIST, then a bookmark on a new stream).
+            events = wait_until_all_windows_closed([agent], churn.truth, close_timeout_s=30 + 6 * LAG_S)
             check_against_truth(events, churn.truth)  # each pod, the short-lived ones included
             metered_pods = {e["data"]["pod"] for e in events}
             assert set(short_lived) <= metered_pods
